@@ -1,0 +1,71 @@
+// accumulate_class_grads on CUDA: one launch for all gradient tensors (multi-tensor-apply style).
+//
+// The host builds a table of (tensor, column chunk) work items; each block takes one item and
+// each thread one column, adding the B rows in order: repeated class indices accumulate
+// deterministically and without atomics.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstring>
+
+#include <vector>
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kChunk = 4 * kThreads;  // columns per work item
+
+struct Item {
+  const float* src;  // [B, n] row-major gradient
+  int64_t n;         // values per row
+  int64_t offset;    // destination offset in a buffer row
+  int64_t begin;     // first column of this chunk
+};
+
+__global__ void accumulate_kernel(float* __restrict__ buffer, int64_t C, int64_t P,
+                                  const Item* __restrict__ items,
+                                  const int64_t* __restrict__ classes, int64_t B, float scale) {
+  const Item it = items[blockIdx.x];
+  for (int64_t col = it.begin + threadIdx.x; col < it.begin + kChunk && col < it.n;
+       col += blockDim.x) {
+    for (int64_t j = 0; j < B; ++j) {
+      const int64_t c = classes[j];
+      CUDA_KERNEL_ASSERT(c >= 0 && c < C);
+      buffer[c * P + it.offset + col] += scale * it.src[j * it.n + col];
+    }
+  }
+}
+
+}  // namespace
+
+void accumulate_class_grads_cuda(torch::Tensor buffer, const std::vector<torch::Tensor>& grads,
+                                 const std::vector<int64_t>& offsets, torch::Tensor classes,
+                                 double scale) {
+  c10::cuda::CUDAGuard guard(buffer.device());
+  const int64_t B = classes.size(0);
+  if (B == 0 || grads.empty()) return;
+  std::vector<torch::Tensor> flat;
+  std::vector<Item> items;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    flat.push_back(grads[i].contiguous());
+    const int64_t n = flat.back().numel() / B;
+    for (int64_t b = 0; b < n; b += kChunk)
+      items.push_back({flat.back().data_ptr<float>(), n, offsets[i], b});
+  }
+  if (items.empty()) return;
+  auto table = torch::empty({static_cast<int64_t>(items.size() * sizeof(Item))},
+                            torch::dtype(torch::kUInt8).pinned_memory(true));
+  std::memcpy(table.data_ptr(), items.data(), items.size() * sizeof(Item));
+  auto dev_table = table.to(buffer.device(), /*non_blocking=*/true);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  accumulate_kernel<<<static_cast<unsigned>(items.size()), kThreads, 0, stream>>>(
+      buffer.data_ptr<float>(), buffer.size(0), buffer.size(1),
+      reinterpret_cast<const Item*>(dev_table.data_ptr()), classes.data_ptr<int64_t>(), B,
+      static_cast<float>(scale));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // keep the flattened inputs and the table alive until the kernel has read them
+  for (auto& f : flat) f.record_stream(stream);
+  dev_table.record_stream(stream);
+}

@@ -1,0 +1,172 @@
+"""The operations behind the CLI, callable from Python: evaluate, export, info, score."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import io, ops, rng, runtime
+from .config import Config
+from .data import Dataset, dataset_from_config
+from .errors import DasmError, RunDirError
+from .models import build_model
+from .schedule import RunDir
+from .scoring import score_dataset
+from .synthetic import SyntheticSet
+from .train import TrainSettings, equal_step_epochs, eval_model_spec, evaluate_images, train_model
+
+
+def _load_run(run_dir: str | Path, dataset: Dataset | None = None):
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    sset = SyntheticSet.load(run.synthetic)
+    ds = dataset if dataset is not None else dataset_from_config(cfg.data)
+    if sset.dataset and sset.dataset != ds.name:
+        raise RunDirError(f"{run.synthetic} was distilled from {sset.dataset}, config says {ds.name}")
+    if sset.num_classes != ds.num_classes or sset.image_size != ds.image_size:
+        raise RunDirError(f"{run.synthetic} ({sset.num_classes} classes, {sset.image_size}) does "
+                          f"not fit {ds.name} ({ds.num_classes} classes, {ds.image_size})")
+    return run, cfg, sset, ds
+
+
+def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None = None,
+             repeats: int | None = None, full_data_epochs: int | None = None,
+             dataset: Dataset | None = None, progress: bool | None = None,
+             overrides: dict | None = None) -> dict:
+    """Evaluate a run directory's synthetic set; appends the summary to ``eval.json``."""
+    run, cfg, sset, ds = _load_run(run_dir, dataset)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    runtime.apply(cfg)
+    progress = cfg.runtime.progress if progress is None else progress
+    x, y = sset.decoded()
+    n_epochs = epochs or cfg.eval.epochs
+    if cfg.eval.same_compute:
+        n_epochs = equal_step_epochs(n_epochs, sset.factor)
+    summary = evaluate_images(x, y, ds, cfg, model, n_epochs, repeats, progress=progress)
+    summary.update(method=sset.extra.get("method", ""), ipc=sset.ipc, factor=sset.factor,
+                   segments=sset.segment_sizes, same_compute=cfg.eval.same_compute,
+                   dataset=ds.name, test_images=int(ds.test_images.shape[0]))
+    if full_data_epochs:
+        full = evaluate_images(ds.train_images, ds.train_labels, ds, cfg, model, full_data_epochs,
+                               repeats, tag="full-data", progress=progress)
+        summary["full_data"] = full
+    previous = []
+    if run.evals.exists():
+        try:
+            previous = json.loads(run.evals.read_text()).get("evaluations", [])
+        except (json.JSONDecodeError, AttributeError):
+            previous = []
+    io.write_json(run.evals, {"evaluations": previous + [summary]})
+    run.log({"event": "eval", **{k: v for k, v in summary.items() if k != "full_data"}})
+    return summary
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "class"
+
+
+def export(run_dir: str | Path, fmt: str, to: str | Path) -> Path:
+    """Write what other tools read. ``ddranking``: ``images.pt`` (decoded, normalised,
+    class-major ``[N, ch, H, W]`` float32) and ``labels.pt`` (``[N]`` int64) in folder ``to``;
+    ``imagefolder``: ``to/<class>/<i>.png`` of the decoded images in [0, 1]. Refuses to write
+    over existing files."""
+    run = RunDir(run_dir)
+    sset = SyntheticSet.load(run.synthetic)
+    to = Path(to)
+    if fmt == "ddranking":
+        targets = [to / "images.pt", to / "labels.pt"]
+        clash = [p for p in targets if p.exists()]
+        if clash:
+            raise DasmError(f"export: {clash[0]} exists; choose another --to")
+        x, y = sset.decoded(normalize=True)
+        io.torch_save(x.cpu().contiguous(), targets[0])
+        io.torch_save(y.cpu(), targets[1])
+        return to
+    if fmt == "imagefolder":
+        from PIL import Image
+
+        if to.exists() and any(to.iterdir()):
+            raise DasmError(f"export: {to} exists and is not empty; choose another --to")
+        x, y = sset.decoded(normalize=False)
+        to.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
+        try:
+            counts: dict[int, int] = {}
+            for img, label in zip(x.clamp(0, 1).cpu(), y.tolist()):
+                folder = tmp / _safe_name(sset.classes[label] if sset.classes else str(label))
+                folder.mkdir(exist_ok=True)
+                i = counts[label] = counts.get(label, -1) + 1
+                arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+                Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(folder / f"{i:05d}.png")
+            if to.exists():
+                to.rmdir()
+            tmp.rename(to)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return to
+    raise DasmError(f"export: unknown format {fmt!r} (known: ddranking, imagefolder)")
+
+
+def info(run_dir: str | Path) -> dict:
+    """What a run directory holds: config summary, segments, evaluations, files, backends."""
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    out = {"path": str(run.path), "dataset": cfg.data.name, "ipc": cfg.synthetic.ipc,
+           "factor": cfg.synthetic.factor, "segments": cfg.dasm.segments, "seed": cfg.seed,
+           "config_digest": cfg.digest(), "segments_done": run.last_checkpoint(),
+           "files": sorted(p.name for p in run.path.iterdir()),
+           "backends": ops.backend_table("cpu")}
+    if run.synthetic.exists():
+        sset = SyntheticSet.load(run.synthetic)
+        out.update(method=sset.extra.get("method", ""), stored=list(sset.images.shape),
+                   decoded=sset.num_classes * sset.decoded_per_class,
+                   segment_sizes=sset.segment_sizes)
+    if run.evals.exists():
+        out["evaluations"] = [{k: e.get(k) for k in ("model", "epochs", "mean", "std", "accuracies")}
+                              for e in json.loads(run.evals.read_text()).get("evaluations", [])]
+    return out
+
+
+def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | None = None,
+          progress: bool | None = None) -> dict:
+    """Per-sample loss/EL2N/margin of every training image of ``cfg.data`` under a network:
+    ``model_from/model.pt`` if present, else one trained on ``model_from``'s synthetic set by the
+    evaluation protocol (and saved as ``model.pt``). Written to ``out`` (safetensors)."""
+    from safetensors.torch import save_file
+
+    from .config import resolve
+
+    ds = dataset_from_config(cfg.data)
+    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available())
+    runtime.apply(cfg)
+    progress = cfg.runtime.progress if progress is None else progress
+    device = torch.device(cfg.device)
+    src = RunDir(model_from)
+    name, opts = eval_model_spec(cfg)
+    g = rng.generator(cfg.seed, "score")
+    model = build_model(name, ds.channels, ds.num_classes, ds.image_size, generator=g,
+                        device=device, **opts)
+    ckpt = src.path / "model.pt"
+    if ckpt.exists():
+        try:
+            model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
+        except (RuntimeError, OSError) as e:
+            raise RunDirError(f"{ckpt} does not fit model {name} on {ds.name}: {e}") from None
+    else:
+        sset = SyntheticSet.load(src.synthetic)
+        x, y = sset.decoded()
+        mean, std = ds.mean_std(device)
+        train_model(model, x, y, TrainSettings.from_eval(cfg.eval, epochs), mean, std, g, progress,
+                    desc="scorer")
+        io.torch_save(model.state_dict(), ckpt)
+    scores = score_dataset(model, ds)
+    tensors = {**{k: v.contiguous() for k, v in scores.items()}, "labels": ds.train_labels.clone()}
+    meta = {"dataset": ds.name, "model": name, "source": str(src.path)}
+    io.write_with(out, lambda p: save_file(tensors, str(p), metadata=meta))
+    return {k: float(v.mean()) for k, v in scores.items()}

@@ -1,0 +1,155 @@
+"""The ``dasm`` command line.
+
+    dasm distill  --dataset NAME --ipc N --out DIR [--config F] [--set k=v]... [--seed S]
+                  [--device cpu|cuda] [--resume]
+    dasm evaluate DIR [--model NAME] [--epochs N] [--repeats R] [--full-data EPOCHS]
+    dasm baseline random|easy|hard|herding --dataset NAME --ipc N --out DIR [--epochs N]
+    dasm export   DIR --format ddranking|imagefolder --to PATH
+    dasm info     DIR
+    dasm score    --dataset NAME --model-from DIR --out FILE [--epochs N]
+
+Bad input is one line on stderr and exit status 2; nothing already written is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import DasmError
+
+
+def _config_args(p: argparse.ArgumentParser, ipc: bool = True) -> None:
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. match.inner_steps=10 (repeatable)")
+    p.add_argument("--dataset", help="dataset name (fashion-mnist, mnist, cifar10, cifar100, svhn, "
+                                     "mnist5k, digits, imagefolder:/path)")
+    if ipc:
+        p.add_argument("--ipc", type=int, help="images per class")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--data-root", help="dataset folder (torchvision layout)")
+    p.add_argument("--download", action="store_true", default=None,
+                   help="download the dataset where a network exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _load(args) -> "Config":  # noqa: F821
+    from .config import load_config
+
+    extra = {}
+    for flag, key in (("dataset", "data.name"), ("ipc", "synthetic.ipc"), ("seed", "seed"),
+                      ("device", "device"), ("data_root", "data.root"),
+                      ("download", "data.download")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            extra[key] = value
+    if getattr(args, "no_progress", False):
+        extra["runtime.progress"] = False
+    return load_config(args.config, args.set, extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dasm", description="Dataset distillation with DASM on IDC.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="distil a synthetic set into a run directory")
+    _config_args(d)
+    d.add_argument("--out", required=True, help="run directory")
+    d.add_argument("--resume", action="store_true", help="continue after the last finished segment")
+
+    e = sub.add_parser("evaluate", help="train networks on a run's set, report test accuracy")
+    e.add_argument("dir")
+    e.add_argument("--model", help="evaluation network (registry name); default: the config's")
+    e.add_argument("--epochs", type=int)
+    e.add_argument("--repeats", type=int)
+    e.add_argument("--full-data", type=int, metavar="EPOCHS",
+                   help="also train the network on the full training set for EPOCHS epochs")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an eval.* or runtime.* key for this evaluation")
+    e.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser("baseline", help="a real-subset baseline at the same IPC")
+    b.add_argument("method", choices=("random", "easy", "hard", "herding"))
+    _config_args(b)
+    b.add_argument("--out", required=True)
+    b.add_argument("--epochs", type=int, help="epochs of the full-data network (easy/hard/herding)")
+
+    x = sub.add_parser("export", help="write a run's set for other tools")
+    x.add_argument("dir")
+    x.add_argument("--format", required=True, choices=("ddranking", "imagefolder"))
+    x.add_argument("--to", required=True)
+
+    i = sub.add_parser("info", help="summarise a run directory")
+    i.add_argument("dir")
+
+    s = sub.add_parser("score", help="per-sample difficulty of the real training set")
+    _config_args(s, ipc=False)
+    s.add_argument("--model-from", required=True, help="run directory (model.pt or a synthetic set)")
+    s.add_argument("--out", required=True, help="output .safetensors")
+    s.add_argument("--epochs", type=int)
+    return p
+
+
+def _print_eval(summary: dict) -> None:
+    accs = ", ".join(f"{a * 100:.2f}" for a in summary["accuracies"])
+    print(f"{summary.get('method') or 'set'} ipc={summary['ipc']} factor={summary['factor']} "
+          f"model={summary['model']} epochs={summary['epochs']}: "
+          f"{summary['mean'] * 100:.2f} +- {summary['std'] * 100:.2f} % "
+          f"(last epoch, {len(summary['accuracies'])} runs: {accs}; {summary['seconds']} s)")
+    if "full_data" in summary:
+        f = summary["full_data"]
+        print(f"full training set, same network, {f['epochs']} epochs: "
+              f"{f['mean'] * 100:.2f} +- {f['std'] * 100:.2f} %")
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import api, baselines, schedule
+
+    if args.command == "distill":
+        cfg = _load(args)
+        sset = schedule.distill(cfg, args.out, resume=args.resume)
+        print(f"distilled {sset.num_classes} x {sset.ipc} images (factor {sset.factor}, segments "
+              f"{sset.segment_sizes}) -> {args.out}/synthetic.safetensors")
+    elif args.command == "evaluate":
+        from .config import _parse_override
+
+        overrides = dict(_parse_override(o) for o in args.set)
+        if args.no_progress:
+            overrides["runtime.progress"] = False
+        summary = api.evaluate(args.dir, args.model, args.epochs, args.repeats, args.full_data,
+                               overrides=overrides)
+        _print_eval(summary)
+    elif args.command == "baseline":
+        cfg = _load(args)
+        sset = baselines.run_baseline(args.method, cfg, args.out, epochs=args.epochs)
+        print(f"{args.method} subset: {sset.num_classes} x {sset.ipc} real images -> "
+              f"{args.out}/synthetic.safetensors")
+    elif args.command == "export":
+        path = api.export(args.dir, args.format, args.to)
+        print(f"exported {args.dir} as {args.format} -> {path}")
+    elif args.command == "info":
+        print(json.dumps(api.info(args.dir), indent=2))
+    elif args.command == "score":
+        cfg = _load(args)
+        means = api.score(cfg, args.model_from, args.out, args.epochs)
+        print(f"scores -> {args.out} (means: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+              + ")")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except DasmError as e:
+        print(f"dasm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dasm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""One dataclass tree for every run: loaded from YAML, overridden by ``--set key=value``,
+validated up front (a bad value is one :class:`ConfigError` naming the key), saved resolved.
+
+``"auto"`` values are filled by :func:`resolve` once the dataset is known (IDC's per-dataset
+defaults), so the ``config.yaml`` of a run directory holds only concrete values.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import ConfigError
+
+AUTO = "auto"
+
+
+def _choice(default, *choices):
+    return field(default=default, metadata={"choices": choices})
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"  # a registered name, or imagefolder:/path
+    root: str = "data"  # torchvision layout; Fashion-MNIST falls back to the Debian folder
+    download: bool = False
+    train_per_class: int = 0  # 0: all; n: a seeded subset of n training images per class
+    holdout_per_class: int = 0  # n > 0: hold n train images per class out and test on them
+    test_limit: int = 0  # 0: the whole test split; n: its first n images (smoke runs)
+    split_seed: int = 0  # seed of the subset/holdout draws (part of the dataset's definition)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnet"
+    depth: int = 3
+    width: int = 128
+    norm: str = _choice("instance", "instance", "batch", "none")
+    pooling: str = _choice("avg", "avg", "max", "none")
+    act: str = _choice("relu", "relu", "leakyrelu", "sigmoid")
+
+
+@dataclass
+class SyntheticConfig:
+    ipc: int = 10  # stored images per class
+    factor: int = 2  # multi-formation: each stored image holds factor x factor tiles
+    init: str = _choice("mix", "mix", "real", "noise")
+
+
+@dataclass
+class MatchConfig:
+    iterations: int = 500  # outer iterations, a freshly initialised network each
+    inner_steps: int = 100  # matching steps per outer iteration
+    metric: str = _choice(AUTO, AUTO, "l1", "mse", "cos")
+    lr_img: Union[float, str] = AUTO  # auto: IDC's base rate x (ipc/10) x (size/base)^2
+    mom_img: float = 0.5
+    image_update: str = _choice("sequential", "sequential", "joint")
+    batch_real: int = 64
+    batch_syn: int = 128  # decoded trainable images per class per step (sampled)
+    match_bias: bool = False
+    match_fc: bool = False
+    augment: str = AUTO  # siamese DSA strategy; auto: color_crop_cutout (IDC)
+    n_data: int = 500  # real samples the network trains on after each matching step
+    net_batch: int = 64
+    net_lr: float = 0.01
+    net_momentum: float = 0.9
+    net_weight_decay: float = 5e-4
+    net_cutmix: float = 0.5  # CutMix probability of the network update
+    net_augment: str = AUTO  # per-sample DSA of the network update; auto: matching minus cutout
+    engine: str = _choice("batched", "batched", "loop")
+    class_batching: str = _choice(AUTO, AUTO, "vmap", "sequential")
+    class_chunk: int = 0  # classes per graph chunk; 0: chosen from memory_budget_mb
+    memory_budget_mb: int = 4096
+    frozen_per_class: int = 128  # decoded frozen images per class per step; 0: all of them
+    frozen_chunk: int = 256  # images per graph-free gradient chunk of frozen segments
+    log_every: int = 10  # outer iterations between metrics lines
+
+
+@dataclass
+class DasmConfig:
+    segments: Union[int, str, List[int]] = AUTO  # auto: max(1, ipc // 10); or K; or ipc per segment
+    score: str = _choice("loss", "loss", "el2n", "margin")
+    easy_drop: Union[float, List[float]] = 0.3  # fraction of easiest ranks left out (k >= 2)
+    hard_drop: Union[float, List[float]] = 0.05  # fraction of hardest ranks left out (k >= 2)
+    schedule: str = _choice("linear", "linear", "constant")  # how easy_drop grows over k
+    scorer_epochs: int = 300
+    net_data: str = _choice("full", "full", "pool")  # real data of the matching network's updates
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""  # "": the matching network's config; else a registry name
+    epochs: int = 1000
+    batch: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: str = AUTO  # per-sample DSA; auto: color_crop_cutout_flip_scale_rotate, adjusted
+    cutmix: float = 0.5
+    repeats: int = 3
+    same_compute: bool = False  # epochs / factor^2 for decoded sets (equal SGD steps)
+    test_batch: int = 500
+
+
+@dataclass
+class RuntimeConfig:
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+    cpu_allocator: str = _choice("tuned", "tuned", "default")
+    progress: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = 600  # a rank that does not answer in this time fails the run
+    backend: str = _choice(AUTO, AUTO, "gloo", "nccl")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = _choice(AUTO, AUTO, "cpu", "cuda")
+    backend: str = _choice(AUTO, AUTO, "reference", "triton", "ext")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
+    dasm: DasmConfig = field(default_factory=DasmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    # ------------------------------------------------------------------ views
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self, exclude: tuple[str, ...] = ("runtime",)) -> str:
+        """Stable 12-hex hash of the config (without the sections in ``exclude``)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with dotted-key overrides applied and validated."""
+        return from_dict(_apply_overrides(self.to_dict(), overrides))
+
+
+# ---------------------------------------------------------------------- loading
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str):
+    """Coerce a YAML/CLI value to the annotated type ``tp`` or raise ConfigError."""
+    origin = get_origin(tp)
+    if origin is Union:
+        errors = []
+        for member in get_args(tp):
+            try:
+                return _coerce(value, member, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': {value!r} is not one of "
+                          f"{' | '.join(_type_name(a) for a in get_args(tp))}")
+    if origin in (list, List):
+        (inner,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+        if not math.isfinite(f):
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return f
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
+                          f"got {data!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' "
+                          f"(valid keys here: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data.get(name, {}) or {}, key + ".")
+            continue
+        if name not in data:
+            continue
+        value = _coerce(data[name], tp, key)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    data = copy.deepcopy(data)
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"unknown config key '{key}'")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file <- ``extra`` (dotted keys from CLI flags) <- ``--set`` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    merged = dict(extra or {})
+    merged.update(dict(_parse_override(o) for o in overrides or []))
+    return from_dict(_apply_overrides(data, merged))
+
+
+# ------------------------------------------------------------------- validation
+def _positive(cfg_value, key, allow_zero=False):
+    if cfg_value < 0 or (cfg_value == 0 and not allow_zero):
+        raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, "
+                          f"got {cfg_value}")
+
+
+def _fraction_list(value, key):
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"config key '{key}' must lie in [0, 1), got {v}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that do not need the dataset. Raises ConfigError naming the key."""
+    _positive(cfg.synthetic.ipc, "synthetic.ipc")
+    _positive(cfg.synthetic.factor, "synthetic.factor")
+    m = cfg.match
+    _positive(m.iterations, "match.iterations")
+    _positive(m.inner_steps, "match.inner_steps")
+    _positive(m.batch_real, "match.batch_real")
+    _positive(m.batch_syn, "match.batch_syn")
+    _positive(m.n_data, "match.n_data", allow_zero=True)
+    _positive(m.net_batch, "match.net_batch")
+    _positive(m.class_chunk, "match.class_chunk", allow_zero=True)
+    _positive(m.memory_budget_mb, "match.memory_budget_mb")
+    _positive(m.frozen_per_class, "match.frozen_per_class", allow_zero=True)
+    _positive(m.frozen_chunk, "match.frozen_chunk")
+    _positive(m.log_every, "match.log_every")
+    if not 0.0 <= m.mom_img < 1.0:
+        raise ConfigError(f"config key 'match.mom_img' must lie in [0, 1), got {m.mom_img}")
+    if not 0.0 <= m.net_cutmix <= 1.0:
+        raise ConfigError(f"config key 'match.net_cutmix' must lie in [0, 1], got {m.net_cutmix}")
+    if isinstance(m.lr_img, str) and m.lr_img != AUTO:
+        raise ConfigError(f"config key 'match.lr_img' must be a number or 'auto', got {m.lr_img!r}")
+    if not isinstance(m.lr_img, str):
+        _positive(m.lr_img, "match.lr_img")
+    md = cfg.model
+    _positive(md.depth, "model.depth")
+    _positive(md.width, "model.width")
+    d = cfg.dasm
+    if isinstance(d.segments, str) and d.segments != AUTO:
+        raise ConfigError(f"config key 'dasm.segments' must be 'auto', an integer or a list, "
+                          f"got {d.segments!r}")
+    if isinstance(d.segments, int) and d.segments < 1:
+        raise ConfigError(f"config key 'dasm.segments' must be >= 1, got {d.segments}")
+    if isinstance(d.segments, list) and (not d.segments or min(d.segments) < 1):
+        raise ConfigError(f"config key 'dasm.segments' must list positive per-segment IPCs, "
+                          f"got {d.segments}")
+    _fraction_list(d.easy_drop, "dasm.easy_drop")
+    _fraction_list(d.hard_drop, "dasm.hard_drop")
+    _positive(d.scorer_epochs, "dasm.scorer_epochs")
+    e = cfg.eval
+    _positive(e.epochs, "eval.epochs")
+    _positive(e.batch, "eval.batch")
+    _positive(e.repeats, "eval.repeats")
+    _positive(e.test_batch, "eval.test_batch")
+    if not 0.0 <= e.cutmix <= 1.0:
+        raise ConfigError(f"config key 'eval.cutmix' must lie in [0, 1], got {e.cutmix}")
+    dc = cfg.data
+    for key in ("train_per_class", "holdout_per_class", "test_limit"):
+        _positive(getattr(dc, key), f"data.{key}", allow_zero=True)
+    _positive(cfg.runtime.threads, "runtime.threads", allow_zero=True)
+    _positive(cfg.dist.timeout_s, "dist.timeout_s")
+
+
+def segment_sizes(cfg: Config) -> list[int]:
+    """IPC of each DASM segment. Raises ConfigError when they do not add up to ``ipc``."""
+    ipc, seg = cfg.synthetic.ipc, cfg.dasm.segments
+    if seg == AUTO:
+        seg = max(1, ipc // 10)
+    if isinstance(seg, int):
+        if ipc % seg:
+            raise ConfigError(f"config key 'dasm.segments': {seg} segments do not divide "
+                              f"synthetic.ipc={ipc}")
+        return [ipc // seg] * seg
+    if sum(seg) != ipc:
+        raise ConfigError(f"config key 'dasm.segments': per-segment IPCs {seg} sum to {sum(seg)}, "
+                          f"not synthetic.ipc={ipc}")
+    return list(seg)
+
+
+def window_for(cfg: Config, k: int, num_segments: int) -> tuple[float, float]:
+    """(easy_drop, hard_drop) of segment ``k`` (0-based). Segment 0 always uses the full pool."""
+    d = cfg.dasm
+
+    def pick(value, key, ramp):
+        if isinstance(value, list):
+            if len(value) != num_segments:
+                raise ConfigError(f"config key 'dasm.{key}' lists {len(value)} values for "
+                                  f"{num_segments} segments")
+            return value[k]
+        if k == 0:
+            return 0.0
+        if ramp and d.schedule == "linear" and num_segments > 1:
+            return value * k / (num_segments - 1)
+        return value
+
+    easy, hard = pick(d.easy_drop, "easy_drop", True), pick(d.hard_drop, "hard_drop", False)
+    if easy + hard >= 1.0:
+        raise ConfigError(f"config keys 'dasm.easy_drop' + 'dasm.hard_drop' leave no window at "
+                          f"segment {k + 1}: {easy} + {hard} >= 1")
+    return easy, hard
+
+
+# --------------------------------------------------------------------- resolution
+def resolve(cfg: Config, dataset_name: str, image_size: tuple[int, int], cuda: bool) -> Config:
+    """Fill every ``auto`` with IDC's per-dataset choice; the result is what a run saves.
+
+    metric: l1 for MNIST-likes, mse otherwise; lr_img: 1e-4 (MNIST-likes) or 5e-3, times
+    (ipc/10) x (size/base)^2, base 28 for MNIST and 32 otherwise, with ipc the largest segment's;
+    matching DSA: color_crop_cutout (siamese); network update: the same without cutout when
+    CutMix is on; evaluation: color_crop_cutout_flip_scale_rotate without cutout when CutMix is
+    on and without flip for digit sets and SVHN.
+    """
+    from .augment import Strategy
+    from .data import MNIST_LIKE, NO_FLIP
+
+    family = dataset_name.split(":", 1)[0]
+    mnist_like = family in MNIST_LIKE
+    d = cfg.to_dict()
+    if d["device"] == AUTO:
+        d["device"] = "cuda" if cuda else "cpu"
+    if d["device"] == "cuda" and not cuda:
+        raise ConfigError("config key 'device': cuda was asked for but no CUDA device is present")
+    m = d["match"]
+    if m["metric"] == AUTO:
+        m["metric"] = "l1" if mnist_like else "mse"
+    if m["lr_img"] == AUTO:
+        base = 1e-4 if mnist_like else 5e-3
+        size_base = 28 if family in ("mnist", "mnist5k") else 32
+        ipc = max(segment_sizes(cfg))
+        m["lr_img"] = base * (ipc / 10) * (image_size[0] / size_base) ** 2
+    if m["augment"] == AUTO:
+        m["augment"] = "color_crop_cutout"
+    match_strategy = Strategy.parse(m["augment"], "match.augment")
+    if m["net_augment"] == AUTO:
+        net = match_strategy.without("cutout") if m["net_cutmix"] > 0 else match_strategy
+        m["net_augment"] = str(net)
+    Strategy.parse(m["net_augment"], "match.net_augment")
+    e = d["eval"]
+    if e["augment"] == AUTO:
+        st = Strategy.parse("color_crop_cutout_flip_scale_rotate")
+        if e["cutmix"] > 0:
+            st = st.without("cutout")
+        if family in NO_FLIP:
+            st = st.without("flip")
+        e["augment"] = str(st)
+    Strategy.parse(e["augment"], "eval.augment")
+    if d["dasm"]["segments"] == AUTO:
+        d["dasm"]["segments"] = len(segment_sizes(cfg))
+    return from_dict(d)
+
+
+def same_run(a: Config, b: Config) -> list[str]:
+    """Keys (dotted) where two resolved configs differ, ignoring runtime settings."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, prefix + k + "."))
+            else:
+                out[prefix + k] = v
+        return out
+    fa = {k: v for k, v in flat(a.to_dict()).items() if not k.startswith(("runtime.", "dist."))}
+    fb = {k: v for k, v in flat(b.to_dict()).items() if not k.startswith(("runtime.", "dist."))}
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))

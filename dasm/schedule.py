@@ -1,0 +1,184 @@
+"""DASM: distil the synthetic set in K segments, each from a difficulty window of the real set.
+
+::
+
+    for k in 1..K:
+        k == 1: pool = every real image of the class
+        k >= 2: train a scorer on S_1..S_{k-1} (evaluation protocol, dasm.scorer_epochs epochs),
+                score every real image (loss | el2n | margin), keep per class the ranks in
+                [easy_drop_k, 1 - hard_drop_k] (easiest first)
+        S_k = init from the pool (real images no earlier init used), distilled by IDC matching
+              against the pool with S_1..S_{k-1} frozen on the synthetic side
+        checkpoint (atomic); grid_seg<k>.png
+
+K = 1 is plain IDC. ``--resume`` continues after the last finished segment and gives the same
+set as an uninterrupted run (the generator state is part of the checkpoint).
+
+A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/``,
+``grid_seg<k>.png`` and, when done, ``synthetic.safetensors``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from . import io, rng, runtime
+from .config import Config, from_dict, resolve, same_run, segment_sizes, window_for
+from .data import Dataset, dataset_from_config, to_float
+from .errors import RunDirError
+from .matching import Matcher
+from .models import build_model
+from .scoring import difficulty, score_dataset, window_pools
+from .synthetic import SyntheticSet, initialise, real_needed, save_grid
+from .train import TrainSettings, eval_model_spec, train_model
+
+
+class RunDir:
+    """Paths and writers of a run directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    synthetic = property(lambda self: self.path / "synthetic.safetensors")
+    evals = property(lambda self: self.path / "eval.json")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+
+    def checkpoint(self, k: int) -> Path:
+        return self.checkpoints / f"segment_{k:03d}.pt"
+
+    def grid(self, k: int) -> Path:
+        return self.path / f"grid_seg{k}.png"
+
+    def log(self, record: dict) -> None:
+        io.append_jsonl(self.metrics, {"time": round(time.time(), 3), **record})
+
+    def load_config(self) -> Config:
+        import yaml
+
+        if not self.config.is_file():
+            raise RunDirError(f"{self.path} is not a run directory (no config.yaml)")
+        try:
+            return from_dict(yaml.safe_load(self.config.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise RunDirError(f"{self.config} is not valid YAML: {e}") from None
+
+    def last_checkpoint(self) -> int:
+        """Number of finished segments recorded (0 if none)."""
+        done = [int(p.stem.split("_")[1]) for p in self.checkpoints.glob("segment_*.pt")]
+        return max(done, default=0)
+
+
+def prepare_run(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None = None,
+                kind: str = "distill"):
+    """Resolve the config against the dataset, apply runtime settings, and claim ``out``.
+
+    Without ``resume`` a directory that already holds a run is refused (nothing is
+    overwritten); with ``resume`` its saved config must equal this one.
+    """
+    ds = dataset if dataset is not None else dataset_from_config(cfg.data)
+    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available())
+    run = RunDir(out)
+    if run.config.exists():
+        if not resume:
+            raise RunDirError(f"{run.path} already holds a run (config.yaml); pass --resume to "
+                              f"continue it, or choose another --out")
+        diff = same_run(run.load_config(), cfg)
+        if diff:
+            raise RunDirError(f"cannot resume {run.path}: its config differs in "
+                              f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}")
+    elif resume and run.path.exists() and any(run.path.iterdir()):
+        raise RunDirError(f"cannot resume {run.path}: it holds no config.yaml")
+    run.path.mkdir(parents=True, exist_ok=True)
+    if not run.config.exists():
+        io.write_text(run.config, cfg.to_yaml())
+    settings = runtime.apply(cfg)
+    run.log({"event": "start", "kind": kind, "resume": resume, "config_digest": cfg.digest(),
+             "dataset": ds.name, "train_images": int(ds.train_images.shape[0]), **settings})
+    return cfg, ds, run
+
+
+def train_scorer(cfg: Config, ds: Dataset, stored: torch.Tensor, factor: int,
+                 generator: torch.Generator, progress: bool):
+    """A network trained on the decoded set ``stored [C, n, ch, H, W]`` (evaluation protocol)."""
+    device = torch.device(cfg.device)
+    x, y = SyntheticSet(stored, factor, [stored.shape[1]]).decoded()
+    name, opts = eval_model_spec(cfg)
+    model = build_model(name, ds.channels, ds.num_classes, ds.image_size, generator=generator,
+                        device=device, **opts)
+    mean, std = ds.mean_std(device)
+    settings = TrainSettings.from_eval(cfg.eval, cfg.dasm.scorer_epochs)
+    return train_model(model, x, y, settings, mean, std, generator, progress, desc="scorer")
+
+
+def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset | None = None,
+            progress: bool | None = None) -> SyntheticSet:
+    """Run DASM (K = 1: IDC) and write the run directory ``out``. Returns the synthetic set."""
+    cfg, ds, run = prepare_run(cfg, out, resume, dataset)
+    progress = cfg.runtime.progress if progress is None else progress
+    device = torch.device(cfg.device)
+    sizes = segment_sizes(cfg)
+    K, C, f = len(sizes), ds.num_classes, cfg.synthetic.factor
+    ipc, ch, size = cfg.synthetic.ipc, ds.channels, ds.image_size
+    stored = torch.zeros(C, ipc, ch, *size)
+    used = torch.zeros(ds.train_images.shape[0], dtype=torch.bool)
+    gen = rng.generator(cfg.seed)
+    start = run.last_checkpoint() if resume else 0
+    if start:
+        ck = torch.load(run.checkpoint(start), weights_only=False)
+        if ck.get("digest") != cfg.digest():
+            raise RunDirError(f"checkpoint {run.checkpoint(start)} belongs to another config")
+        stored, used = ck["stored"], ck["used"]
+        gen.set_state(ck["generator"])
+        run.log({"event": "resume", "segments_done": start})
+    class_index = ds.class_index()
+    matcher = Matcher(cfg, ds, device, gen, log=run.log, progress=progress)
+    for k in range(start, K):
+        t0 = time.perf_counter()
+        done = sum(sizes[:k])
+        if k == 0:
+            pools = list(class_index)
+            easy = hard = 0.0
+        else:
+            scorer = train_scorer(cfg, ds, stored[:, :done], f, gen, progress)
+            hardness = difficulty(score_dataset(scorer, ds), cfg.dasm.score)
+            easy, hard = window_for(cfg, k, K)
+            pools = window_pools(hardness, class_index, easy, hard, ds.classes)
+            del scorer
+        # init from images of the pool that no earlier init used
+        need = real_needed(cfg.synthetic.init, sizes[k], f)
+        chosen = []
+        for c, pool in enumerate(pools):
+            free = pool[~used[pool]]
+            if len(free) < need:
+                raise RunDirError(f"segment {k + 1}: class {ds.classes[c]!r} has {len(free)} unused "
+                                  f"real images in its pool, the init needs {need}")
+            chosen.append(free[torch.randperm(len(free), generator=gen)[:need]])
+        real = None
+        if need:
+            pick = torch.stack(chosen)
+            used[pick.reshape(-1)] = True
+            real = to_float(ds.train_images[pick.reshape(-1)]).reshape(C, need, ch, *size)
+        init = initialise(cfg.synthetic.init, real, C, sizes[k], ch, size, f, gen)
+        net_pool = torch.arange(ds.train_images.shape[0]) if cfg.dasm.net_data == "full" \
+            else torch.cat(pools)
+        run.log({"event": "segment_start", "segment": k, "ipc": sizes[k], "easy_drop": easy,
+                 "hard_drop": hard, "pool_sizes": [len(p) for p in pools]})
+        frozen = stored[:, :done] if done else None
+        result = matcher.distill(init, pools, net_pool, cfg.match.iterations, cfg.match.inner_steps,
+                                 frozen=frozen, segment=k)
+        stored[:, done:done + sizes[k]] = result.cpu()
+        io.torch_save({"segment": k + 1, "stored": stored, "used": used,
+                       "generator": gen.get_state(), "digest": cfg.digest()}, run.checkpoint(k + 1))
+        save_grid(stored[:, done:done + sizes[k]], run.grid(k + 1))
+        run.log({"event": "segment_done", "segment": k,
+                 "seconds": round(time.perf_counter() - t0, 2)})
+    sset = SyntheticSet(stored, f, sizes, ds.name, ds.classes, ds.mean, ds.std,
+                        {"method": "dasm" if K > 1 else "idc", "config_digest": cfg.digest(),
+                         "seed": cfg.seed})
+    sset.save(run.synthetic)
+    run.log({"event": "done", "segments": K})
+    return sset

@@ -1,0 +1,75 @@
+"""Per-sample difficulty of every real training image under a network, and DASM's pools.
+
+Scores (``ops.sample_scores``): cross-entropy loss, EL2N (|softmax - onehot|_2) and margin (true
+logit minus the best other), without augmentation, in large batches (bf16 autocast and
+channels_last on CUDA). Difficulty grows with loss and EL2N and falls with margin.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .data import Dataset, to_float
+from .errors import ConfigError
+
+SCORES = ("loss", "el2n", "margin")
+
+
+@torch.no_grad()
+def score_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean, std,
+                 batch: int = 1024) -> dict[str, torch.Tensor]:
+    """``{"loss", "el2n", "margin"}`` -> ``[N]`` float32 (CPU) for ``images`` uint8/float."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    was_training = model.training
+    model.eval()
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    out = {k: [] for k in SCORES}
+    for lo in range(0, images.shape[0], batch):
+        x = to_float(images[lo:lo + batch].to(device, non_blocking=True))
+        x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp:
+            logits = model(x)
+        for k, v in zip(SCORES, ops.sample_scores(logits, labels[lo:lo + batch].to(device))):
+            out[k].append(v)
+    model.train(was_training)
+    return {k: torch.cat(v).float().cpu() for k, v in out.items()}
+
+
+def score_dataset(model: nn.Module, dataset: Dataset, batch: int = 1024) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    mean, std = dataset.mean_std(device)
+    return score_images(model, dataset.train_images, dataset.train_labels, mean, std, batch)
+
+
+def difficulty(scores: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """Difficulty ``[N]``: higher is harder."""
+    if kind not in SCORES:
+        raise ConfigError(f"unknown difficulty score {kind!r} (known: {', '.join(SCORES)})")
+    return -scores["margin"] if kind == "margin" else scores[kind]
+
+
+def window_pools(hardness: torch.Tensor, class_index: list[torch.Tensor], easy_drop: float,
+                 hard_drop: float, classes: list[str] | None = None) -> list[torch.Tensor]:
+    """Per class, the images whose difficulty rank (easiest first) lies in
+    ``[floor(easy_drop * n), n - floor(hard_drop * n))``. Ties keep dataset order.
+    Returns index tensors (ascending by difficulty). Raises ConfigError on an empty pool."""
+    pools = []
+    for c, idx in enumerate(class_index):
+        order = torch.argsort(hardness[idx], stable=True)
+        n = len(idx)
+        lo, hi = int(easy_drop * n), n - int(hard_drop * n)
+        if hi <= lo:
+            name = classes[c] if classes else str(c)
+            raise ConfigError(f"the difficulty window [easy_drop={easy_drop}, "
+                              f"hard_drop={hard_drop}] leaves no image of class {name!r} "
+                              f"({n} images)")
+        pools.append(idx[order[lo:hi]])
+    return pools

@@ -1,0 +1,210 @@
+"""The synthetic set: storage, initialisation, decoding, segments, save/load.
+
+Stored images are class-major ``[C, n, ch, H, W]`` float32 in [0, 1] (``n`` = IPC). With
+multi-formation factor ``f`` each stored image holds ``f x f`` tiles and decodes to ``f^2``
+training images (IDC). Segments split every class's ``n`` slots into consecutive runs
+(``segment_sizes``), distilled one after another by DASM; segment ``k`` of every class is
+``images[:, start_k:start_k + size_k]``.
+
+``synthetic.safetensors`` holds ``images [C*n, ch, H, W]``, ``labels [C*n]`` and
+``segment [C*n]`` plus string metadata (see :data:`META_KEYS`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import io, ops
+from .errors import RunDirError
+
+FORMAT = "dasm-synthetic"
+FORMAT_VERSION = 1
+META_KEYS = ("format", "format_version", "dataset", "classes", "channels", "image_size", "factor",
+             "mean", "std", "ipc", "segments", "version")
+
+
+@dataclass
+class SyntheticSet:
+    images: torch.Tensor  # [C, n, ch, H, W] float32 in [0, 1]
+    factor: int
+    segment_sizes: list[int]
+    dataset: str = ""
+    classes: list[str] = field(default_factory=list)
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    extra: dict[str, str] = field(default_factory=dict)  # e.g. config digest, method
+
+    def __post_init__(self):
+        if self.images.dim() != 5:
+            raise ValueError(f"SyntheticSet images must be [C, n, ch, H, W], got "
+                             f"{tuple(self.images.shape)}")
+        if sum(self.segment_sizes) != self.images.shape[1]:
+            raise ValueError(f"segment sizes {self.segment_sizes} do not add up to "
+                             f"{self.images.shape[1]} images per class")
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_classes(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def ipc(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[-2:])
+
+    @property
+    def decoded_per_class(self) -> int:
+        return self.ipc * self.factor ** 2
+
+    def segment_slice(self, k: int) -> slice:
+        start = sum(self.segment_sizes[:k])
+        return slice(start, start + self.segment_sizes[k])
+
+    # ----------------------------------------------------------------- decode
+    def decoded(self, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """All training images ``[C * n * f^2, ch, H, W]`` (class-major) and labels."""
+        C, n = self.images.shape[:2]
+        flat = self.images.reshape(C * n, *self.images.shape[2:])
+        mean = std = None
+        if normalize:
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=flat.device)
+            std = torch.tensor(self.std, dtype=torch.float32, device=flat.device)
+        with torch.no_grad():
+            x = ops.decode_augment(flat, self.factor, None, None, mean, std)
+        labels = torch.arange(C, device=flat.device).repeat_interleave(n * self.factor ** 2)
+        return x, labels
+
+    # -------------------------------------------------------------- save/load
+    def metadata(self, version: str) -> dict[str, str]:
+        meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "dataset": self.dataset,
+                "classes": json.dumps(self.classes), "channels": str(self.images.shape[2]),
+                "image_size": json.dumps(list(self.image_size)), "factor": str(self.factor),
+                "mean": json.dumps(list(self.mean)), "std": json.dumps(list(self.std)),
+                "ipc": str(self.ipc), "segments": json.dumps(self.segment_sizes),
+                "version": version}
+        meta.update({k: str(v) for k, v in self.extra.items()})
+        return meta
+
+    def save(self, path: str | Path) -> None:
+        """Write ``synthetic.safetensors`` atomically."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        C, n = self.images.shape[:2]
+        tensors = {
+            "images": self.images.detach().clamp(0, 1).reshape(C * n, *self.images.shape[2:])
+            .float().cpu().contiguous(),
+            "labels": torch.arange(C).repeat_interleave(n),
+            "segment": torch.repeat_interleave(torch.arange(len(self.segment_sizes)),
+                                               torch.tensor(self.segment_sizes)).repeat(C),
+        }
+        io.write_with(path, lambda p: save_file(tensors, str(p), metadata=self.metadata(__version__)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SyntheticSet":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise RunDirError(f"synthetic set not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise RunDirError(f"corrupt synthetic set {path}: {e}") from None
+        missing = [k for k in META_KEYS if k not in meta] + \
+            [k for k in ("images", "labels", "segment") if k not in tensors]
+        if meta.get("format") != FORMAT or missing:
+            raise RunDirError(f"{path} is not a dasm synthetic set (missing: "
+                              f"{', '.join(missing) or 'format tag'})")
+        try:
+            classes = json.loads(meta["classes"])
+            segments = [int(s) for s in json.loads(meta["segments"])]
+            ipc, factor = int(meta["ipc"]), int(meta["factor"])
+            images = tensors["images"]
+            C = len(classes)
+            if images.shape[0] != C * ipc or sum(segments) != ipc:
+                raise ValueError(f"{images.shape[0]} images for {C} classes x {ipc} IPC, "
+                                 f"segments {segments}")
+            labels = tensors["labels"]
+            if not torch.equal(labels, torch.arange(C).repeat_interleave(ipc)):
+                raise ValueError("labels are not class-major")
+            extra = {k: v for k, v in meta.items() if k not in META_KEYS}
+            return cls(images.reshape(C, ipc, *images.shape[1:]).float(), factor, segments,
+                       meta["dataset"], classes, tuple(json.loads(meta["mean"])),
+                       tuple(json.loads(meta["std"])), extra)
+        except (ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+            raise RunDirError(f"corrupt synthetic set {path}: {e}") from None
+
+
+# ------------------------------------------------------------------------ inits
+def tile_shape(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """Tile size ceil(H/f) x ceil(W/f) of multi-formation."""
+    return -(-size[0] // factor), -(-size[1] // factor)
+
+
+def init_mix(real: torch.Tensor, factor: int) -> torch.Tensor:
+    """IDC's "mix" init. ``real [C, n * f^2, ch, H, W]`` float in [0, 1] -> ``[C, n, ch, H, W]``:
+    tile ``t`` (row-major) of stored image ``m`` is real image ``t * n + m``, shrunk to the tile
+    size (nearest) and cropped where the tile overhangs the image."""
+    C, total, ch, H, W = real.shape
+    f2 = factor * factor
+    if total % f2:
+        raise ValueError(f"init_mix needs a multiple of {f2} real images per class, got {total}")
+    n = total // f2
+    th, tw = tile_shape((H, W), factor)
+    out = torch.full((C, n, ch, H, W), 0.5, dtype=torch.float32, device=real.device)
+    for t in range(f2):
+        i, j = divmod(t, factor)
+        part = real[:, t * n:(t + 1) * n].reshape(C * n, ch, H, W).float()
+        small = F.interpolate(part, size=(th, tw), mode="nearest").reshape(C, n, ch, th, tw)
+        h0, w0 = i * th, j * tw
+        h1, w1 = min(h0 + th, H), min(w0 + tw, W)
+        out[:, :, :, h0:h1, w0:w1] = small[..., :h1 - h0, :w1 - w0]
+    return out
+
+
+def init_noise(C: int, n: int, ch: int, size: tuple[int, int],
+               generator: torch.Generator) -> torch.Tensor:
+    """IDC's noise init: N(0, 1) / 4 + 0.5, clipped to [0, 1]."""
+    return (torch.randn(C, n, ch, *size, generator=generator) / 4 + 0.5).clamp(0, 1)
+
+
+def real_needed(init: str, n: int, factor: int) -> int:
+    """Real images per class an init consumes."""
+    return {"mix": n * factor * factor, "real": n, "noise": 0}[init]
+
+
+def initialise(init: str, real: torch.Tensor | None, C: int, n: int, ch: int,
+               size: tuple[int, int], factor: int, generator: torch.Generator) -> torch.Tensor:
+    """``[C, n, ch, H, W]`` from ``real [C, real_needed, ch, H, W]`` (float in [0, 1])."""
+    if init == "mix":
+        return init_mix(real, factor)
+    if init == "real":
+        return real.float().clone()
+    return init_noise(C, n, ch, size, generator)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, per_class: int = 10) -> None:
+    """PNG grid of stored images ``[C, n, ch, H, W]``: a row per class, up to ``per_class``."""
+    from torchvision.utils import make_grid
+    from PIL import Image
+
+    C, n = images.shape[:2]
+    k = min(n, per_class)
+    x = images[:, :k].detach().clamp(0, 1).reshape(C * k, *images.shape[2:]).cpu()
+    grid = make_grid(x, nrow=k, padding=1, pad_value=1.0)
+    arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    if arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    img = Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST)
+    io.write_with(path, lambda p: img.save(p, format="PNG"))
