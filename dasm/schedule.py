@@ -27,9 +27,9 @@ import torch
 from . import io, rng, runtime
 from .config import Config, from_dict, resolve, same_run, segment_sizes, window_for
 from .data import Dataset, dataset_from_config, to_float
-from .errors import RunDirError
+from .errors import ConfigError, RunDirError
 from .matching import Matcher
-from .models import build_model
+from .models import build_model, model_options
 from .scoring import difficulty, score_dataset, window_pools
 from .synthetic import SyntheticSet, initialise, real_needed, save_grid
 from .train import TrainSettings, eval_model_spec, train_model
@@ -72,6 +72,28 @@ class RunDir:
         return max(done, default=0)
 
 
+def preflight(cfg: Config, ds: Dataset) -> None:
+    """Every check that can fail before a run directory is touched (raises ConfigError)."""
+    from .models import MODELS
+
+    for name, opts in (model_options(cfg.model), eval_model_spec(cfg)):
+        if name not in MODELS:
+            raise ConfigError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
+        with torch.device("meta"):
+            MODELS[name](ds.channels, ds.num_classes, ds.image_size, **opts)
+    if cfg.match.engine == "batched" and cfg.model.norm == "batch":
+        raise ConfigError("config key 'model.norm': batch norm couples the samples of a batch; "
+                          "the batched engine needs instance or no norm (or match.engine=loop)")
+    sizes = segment_sizes(cfg)
+    for k in range(len(sizes)):
+        window_for(cfg, k, len(sizes))
+    need = real_needed(cfg.synthetic.init, sizes[0], cfg.synthetic.factor)
+    smallest = min(len(i) for i in ds.class_index())
+    if need > smallest:
+        raise ConfigError(f"synthetic.init={cfg.synthetic.init} needs {need} real images per class "
+                          f"for the first segment; the smallest class has {smallest}")
+
+
 def prepare_run(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None = None,
                 kind: str = "distill"):
     """Resolve the config against the dataset, apply runtime settings, and claim ``out``.
@@ -81,6 +103,7 @@ def prepare_run(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | N
     """
     ds = dataset if dataset is not None else dataset_from_config(cfg.data)
     cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available())
+    preflight(cfg, ds)
     run = RunDir(out)
     if run.config.exists():
         if not resume:

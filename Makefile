@@ -1,0 +1,59 @@
+# The two commands of the README:
+#   make demo   distil Fashion-MNIST (configs/demo.yaml), evaluate it and the random baseline
+#   make test   the test suite (builds the extension)
+# Both create the virtual environment, install what is needed and fetch the dataset package.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+export CUDA_HOME
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEPS := $(VENV)/.dasm-deps
+STAMP := $(VENV)/.dasm-installed
+DEMO := runs/demo
+
+.PHONY: demo test install data bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): | $(PY)
+	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install numpy safetensors pyyaml tqdm matplotlib pillow pytest pytest-benchmark \
+		ninja setuptools wheel mlxtend scikit-learn
+	touch $@
+
+$(STAMP): $(DEPS) pyproject.toml setup.py $(wildcard csrc/*)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+data: $(FMNIST)
+
+$(FMNIST):
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get update -q && $$SUDO apt-get install -y dataset-fashion-mnist
+
+test: install data
+	$(PY) -m pytest -q
+
+demo: install data
+	rm -rf $(DEMO) $(DEMO)-random
+	@start=$$(date +%s); \
+	$(PY) -m dasm distill --config configs/demo.yaml --out $(DEMO) && \
+	$(PY) -m dasm evaluate $(DEMO) | tee $(DEMO)/summary.txt && \
+	$(PY) -m dasm baseline random --config configs/demo.yaml --out $(DEMO)-random && \
+	$(PY) -m dasm evaluate $(DEMO)-random | tee -a $(DEMO)/summary.txt && \
+	echo "demo wall time: $$(( $$(date +%s) - start )) s (outputs in $(DEMO)/, $(DEMO)-random/)" \
+		| tee -a $(DEMO)/summary.txt
+
+bench: install data
+	$(PY) benchmarks/matching_cpu.py
+
+clean:
+	rm -rf build *.egg-info dasm/_C*.so runs

@@ -1,0 +1,61 @@
+"""Shared fixtures. Triton kernels run on the CPU interpreter where no GPU is present; the
+variable must be set before anything imports triton."""
+import os
+import subprocess
+
+import pytest
+
+if os.environ.get("DASM_TEST_CUDA") != "1":
+    try:
+        has_gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        has_gpu = False
+    if not has_gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from dasm.config import load_config  # noqa: E402
+from dasm.data import Dataset, load_dataset  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fmnist_small() -> Dataset:
+    """Fashion-MNIST, 40 training images per class, 500 test images."""
+    return load_dataset("fashion-mnist", train_per_class=40, test_limit=500)
+
+
+def random_dataset(classes=3, per_class=12, channels=1, size=(28, 28), seed=0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    n = classes * per_class
+    images = torch.randint(0, 256, (n, channels, *size), generator=g, dtype=torch.uint8)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return Dataset(f"random{classes}", images, labels, images[: n // 2].clone(),
+                   labels[: n // 2].clone(), [f"c{i}" for i in range(classes)],
+                   (0.5,) * channels, (0.25,) * channels)
+
+
+@pytest.fixture
+def tiny_ds() -> Dataset:
+    return random_dataset()
+
+
+def smoke_config(*overrides):
+    return load_config(SMOKE, list(overrides))
+
+
+@pytest.fixture
+def smoke_cfg():
+    return smoke_config

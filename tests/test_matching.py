@@ -1,0 +1,135 @@
+"""Matching: the loss falls, the batched engine equals IDC's per-class loop, the closed-form
+sequential momentum equals per-class SGD steps, frozen segments mix in as one big batch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dasm import ops
+from dasm.config import resolve
+from dasm.matching import Matcher, sequential_momentum_coefficients
+from dasm.synthetic import init_mix
+
+from conftest import random_dataset, smoke_config
+
+
+def make_matcher(ds, *overrides, engine="batched"):
+    cfg = smoke_config("match.batch_real=6", "match.batch_syn=6", "model.width=4",
+                       f"match.engine={engine}", *overrides)
+    cfg = resolve(cfg, ds.name, ds.image_size, cuda=False)
+    return Matcher(cfg, ds, torch.device("cpu"), torch.Generator().manual_seed(0))
+
+
+def start_images(ds, n, factor=2, seed=0):
+    C = ds.num_classes
+    g = torch.Generator().manual_seed(seed)
+    real = torch.stack([ds.train_images[idx[torch.randperm(len(idx), generator=g)[:n * factor ** 2]]]
+                        for idx in ds.class_index()]).float() / 255
+    return init_mix(real, factor)
+
+
+def step_loss(m, model, draws, images, frozen=None):
+    """Loss of the batched step, without updating anything."""
+    zero = torch.zeros_like(images)
+    saved = m.s
+    m.s = type(saved)(**{**saved.__dict__, "lr_img": 0.0})
+    try:
+        return m.step(model, draws, images, zero, frozen)[2]
+    finally:
+        m.s = saved
+
+
+def test_step_lowers_match_loss_on_fixed_network(tiny_ds):
+    m = make_matcher(tiny_ds, "match.lr_img=0.05", "match.mom_img=0.0", "match.metric=mse")
+    model = m.new_network()
+    images = start_images(tiny_ds, 2)
+    draws = m.draw(tiny_ds.class_index(), 2, 0)
+    before = step_loss(m, model, draws, images)
+    new, _, reported = m.step(model, draws, images, torch.zeros_like(images))
+    torch.testing.assert_close(reported, before)
+    after = step_loss(m, model, draws, new)
+    assert (after < before).all(), (before, after)
+
+
+@pytest.mark.parametrize("metric", ["l1", "mse", "cos"])
+@pytest.mark.parametrize("frozen_n", [0, 2])
+@pytest.mark.parametrize("update", ["sequential", "joint"])
+def test_batched_engine_equals_loop(tiny_ds, metric, frozen_n, update):
+    overrides = (f"match.metric={metric}", "match.lr_img=0.02", f"match.image_update={update}",
+                 "match.frozen_chunk=3", "match.class_chunk=2")
+    loop = make_matcher(tiny_ds, *overrides, engine="loop")
+    batched = make_matcher(tiny_ds, *overrides)
+    images = start_images(tiny_ds, 2)
+    frozen = start_images(tiny_ds, frozen_n, seed=1) if frozen_n else None
+    momentum = torch.randn_like(images) * 0.01
+    model = loop.new_network()
+    draws = loop.draw(tiny_ds.class_index(), 2, frozen_n)
+    a = loop.step(model, draws, images, momentum, frozen)
+    b = batched.step(model, draws, images, momentum, frozen)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(a[0], images)
+
+
+def test_vmap_class_batching_equals_sequential(tiny_ds):
+    seq = make_matcher(tiny_ds, "match.class_batching=sequential", "match.lr_img=0.02")
+    vm = make_matcher(tiny_ds, "match.class_batching=vmap", "match.lr_img=0.02")
+    images, frozen = start_images(tiny_ds, 2), start_images(tiny_ds, 1, seed=2)
+    model = seq.new_network()
+    draws = seq.draw(tiny_ds.class_index(), 2, 1)
+    a = seq.step(model, draws, images, torch.zeros_like(images), frozen)
+    b = vm.step(model, draws, images, torch.zeros_like(images), frozen)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5, 0.9])
+def test_sequential_momentum_closed_form(mu):
+    """IDC: SGD(momentum) stepped after each class on one tensor, gradient depending on x."""
+    C, lr = 4, 0.1
+    x0 = torch.randn(C, 3, dtype=torch.float64)
+    b0 = torch.randn(C, 3, dtype=torch.float64)
+    grad = lambda x: x ** 2 - 0.5 * x  # noqa: E731  position-dependent
+    leaf = x0.clone().requires_grad_()
+    opt = torch.optim.SGD([leaf], lr=lr, momentum=mu)
+    if mu:
+        opt.state[leaf]["momentum_buffer"] = b0.clone()
+    for c in range(C):
+        g = torch.zeros_like(x0)
+        g[c] = grad(leaf.detach()[c])
+        leaf.grad = g
+        opt.step()
+    pre, keep, carry, total = sequential_momentum_coefficients(C, mu)
+    b = b0 if mu else torch.zeros_like(b0)
+    xp = x0 - lr * pre.view(-1, 1) * b
+    g = grad(xp)
+    x1 = xp - lr * total.view(-1, 1) * (carry.view(-1, 1) * b + g)
+    torch.testing.assert_close(leaf.detach(), x1)
+    if mu:
+        torch.testing.assert_close(opt.state[leaf]["momentum_buffer"], mu ** C * b + keep.view(-1, 1) * g)
+
+
+def test_frozen_mix_equals_one_batch(tiny_ds):
+    """(n_t g_t + n_f g_f) / (n_t + n_f) is the gradient of the concatenated batch."""
+    m = make_matcher(tiny_ds)
+    model = m.new_network()
+    w = [dict(model.named_parameters())[n] for n in m.matched]
+    xt, xf = torch.randn(5, 1, 28, 28), torch.randn(7, 1, 28, 28)
+    flat = lambda g: torch.cat([t.flatten() for t in g])  # noqa: E731
+    big = flat(m._class_grad(model, w, torch.cat([xt, xf]), 1, False))
+    gt = flat(m._class_grad(model, w, xt, 1, False))
+    gf = flat(m._class_grad(model, w, xf, 1, False))
+    torch.testing.assert_close(big, (5 * gt + 7 * gf) / 12, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_norm_refused_by_batched_engine(tiny_ds):
+    from dasm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch norm"):
+        make_matcher(tiny_ds, "model.norm=batch")
+
+
+def test_matching_uses_conv_weights_only(tiny_ds):
+    m = make_matcher(tiny_ds)
+    assert m.matched == ["features.0.conv.weight", "features.1.conv.weight", "features.2.conv.weight"]
+    m2 = make_matcher(tiny_ds, "match.match_bias=true", "match.match_fc=true")
+    assert "classifier.weight" in m2.matched and "features.0.norm.weight" in m2.matched
