@@ -145,7 +145,10 @@ class Matcher:
         if self.s.engine == "batched" and self.model_opts.get("norm") == "batch":
             raise ConfigError("config key 'model.norm': batch norm couples the samples of a batch; "
                               "the batched engine needs instance or no norm (or match.engine=loop)")
-        probe = self.new_network()
+        with torch.device("meta"):  # shapes only; the run's generator is not touched
+            from .models import MODELS
+            probe = MODELS[self.model_name](dataset.channels, self.C, dataset.image_size,
+                                            **self.model_opts)
         self.matched = matched_parameters(probe, self.s.match_bias, self.s.match_fc)
         if not self.matched:
             raise ConfigError("no parameters to match (model has no conv weights and "

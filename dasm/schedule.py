@@ -87,11 +87,17 @@ def preflight(cfg: Config, ds: Dataset) -> None:
     sizes = segment_sizes(cfg)
     for k in range(len(sizes)):
         window_for(cfg, k, len(sizes))
-    need = real_needed(cfg.synthetic.init, sizes[0], cfg.synthetic.factor)
-    smallest = min(len(i) for i in ds.class_index())
-    if need > smallest:
-        raise ConfigError(f"synthetic.init={cfg.synthetic.init} needs {need} real images per class "
-                          f"for the first segment; the smallest class has {smallest}")
+    counts = [len(i) for i in ds.class_index()]
+    for k, size in enumerate(sizes):
+        need = real_needed(cfg.synthetic.init, size, cfg.synthetic.factor)
+        easy, hard = window_for(cfg, k, len(sizes))
+        for c, n in enumerate(counts):
+            pool = n - int(easy * n) - int(hard * n)
+            if pool < max(need, 1):
+                raise ConfigError(
+                    f"the difficulty window of segment {k + 1} (easy_drop={easy:g}, "
+                    f"hard_drop={hard:g}) leaves {pool} images of class {ds.classes[c]!r}; its "
+                    f"init ({cfg.synthetic.init}) needs {need}")
 
 
 def prepare_run(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None = None,
@@ -177,8 +183,9 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
         for c, pool in enumerate(pools):
             free = pool[~used[pool]]
             if len(free) < need:
-                raise RunDirError(f"segment {k + 1}: class {ds.classes[c]!r} has {len(free)} unused "
-                                  f"real images in its pool, the init needs {need}")
+                raise ConfigError(f"segment {k + 1}: class {ds.classes[c]!r} has {len(free)} real "
+                                  f"images in its window that no earlier init used; the init "
+                                  f"needs {need} (widen dasm.easy_drop/hard_drop)")
             chosen.append(free[torch.randperm(len(free), generator=gen)[:need]])
         real = None
         if need:
