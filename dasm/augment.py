@@ -134,29 +134,29 @@ class DSAParams:
         """``[M, 2, 3]`` float32 map from an output pixel (col x, row y, 1) to the source pixel
         position in the (colour-transformed) input: the composition of flip and the geometric op,
         with ``grid_sample``'s align_corners=False convention. Bilinear sampling at that
-        position with zeros outside reproduces :func:`apply_reference`'s geometry."""
+        position with zeros outside reproduces :func:`apply_reference`'s geometry.
+        Built from elementwise ops only (no host synchronisation on a GPU)."""
         H, W = self.size
-        M = len(self)
-        dev = self.flip.device
-        f64 = torch.float64
+        dev, f64 = self.flip.device, torch.float64
         # normalised <-> pixel:  u = (2x + 1)/W - 1  <=>  x = ((u + 1) W - 1) / 2
         to_norm = torch.tensor([[2.0 / W, 0, 1.0 / W - 1], [0, 2.0 / H, 1.0 / H - 1], [0, 0, 1]],
                                dtype=f64, device=dev)
-        to_pix = torch.linalg.inv(to_norm)
-        theta = torch.eye(3, dtype=f64, device=dev).repeat(M, 1, 1)
-        sx, sy = self.scale[:, 0].to(f64), self.scale[:, 1].to(f64)
-        is_scale = self.geo == GEO_SCALE
-        theta[is_scale, 0, 0] = sx[is_scale]
-        theta[is_scale, 1, 1] = sy[is_scale]
-        is_rot = self.geo == GEO_ROTATE
-        a = self.angle.to(f64)[is_rot]
-        theta[is_rot, 0, 0], theta[is_rot, 0, 1] = torch.cos(a), -torch.sin(a)
-        theta[is_rot, 1, 0], theta[is_rot, 1, 1] = torch.sin(a), torch.cos(a)
-        A = to_pix @ theta @ to_norm  # pixel -> pixel for scale / rotate
-        is_crop = self.geo == GEO_CROP
-        A[is_crop] = torch.eye(3, dtype=f64, device=dev)
-        A[is_crop, 0, 2] = self.shift[is_crop, 1].to(f64)  # column shift
-        A[is_crop, 1, 2] = self.shift[is_crop, 0].to(f64)  # row shift
+        to_pix = torch.tensor([[W / 2.0, 0, (W - 1) / 2.0], [0, H / 2.0, (H - 1) / 2.0],
+                               [0, 0, 1]], dtype=f64, device=dev)
+        one, zero = torch.ones_like(self.angle, dtype=f64), torch.zeros_like(self.angle, dtype=f64)
+        is_scale, is_rot = self.geo == GEO_SCALE, self.geo == GEO_ROTATE
+        cos, sin = torch.cos(self.angle.to(f64)), torch.sin(self.angle.to(f64))
+        t00 = torch.where(is_scale, self.scale[:, 0].to(f64), torch.where(is_rot, cos, one))
+        t11 = torch.where(is_scale, self.scale[:, 1].to(f64), torch.where(is_rot, cos, one))
+        t01 = torch.where(is_rot, -sin, zero)
+        t10 = torch.where(is_rot, sin, zero)
+        theta = torch.stack([torch.stack([t00, t01, zero], 1), torch.stack([t10, t11, zero], 1),
+                             torch.stack([zero, zero, one], 1)], 1)
+        A = to_pix @ theta @ to_norm  # pixel -> pixel for scale / rotate (identity otherwise)
+        crop = torch.stack([torch.stack([one, zero, self.shift[:, 1].to(f64)], 1),
+                            torch.stack([zero, one, self.shift[:, 0].to(f64)], 1),
+                            torch.stack([zero, zero, one], 1)], 1)
+        A = torch.where((self.geo == GEO_CROP).view(-1, 1, 1), crop, A)
         flip = torch.tensor([[-1.0, 0, W - 1], [0, 1, 0], [0, 0, 1]], dtype=f64, device=dev)
         A = torch.where(self.flip.view(-1, 1, 1), flip @ A, A)  # flip is applied first
         return A[:, :2, :].float()

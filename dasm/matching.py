@@ -193,7 +193,7 @@ class Matcher:
     # ------------------------------------------------------------------- inputs
     def _real_batch(self, idx: torch.Tensor, dsa_rows: augment.DSAParams) -> torch.Tensor:
         x = to_float(self.real_images[idx.to(self.device)])
-        return ops.decode_augment(x, 1, None, dsa_rows.to(self.device), self.mean, self.std)
+        return ops.decode_augment(x, 1, None, dsa_rows, self.mean, self.std)
 
     def _decoded(self, stored: torch.Tensor, sel: torch.Tensor, classes: torch.Tensor,
                  dsa: augment.DSAParams) -> torch.Tensor:
@@ -204,7 +204,7 @@ class Matcher:
         base = (classes.view(-1, 1) * (n * self.factor ** 2)).to(sel.device)
         rows = dsa.index(torch.repeat_interleave(classes.cpu(), sel.shape[1]))
         return ops.decode_augment(flat, self.factor, (sel + base).reshape(-1).to(self.device),
-                                  rows.to(self.device), self.mean, self.std)
+                                  rows, self.mean, self.std)
 
     def _rows(self, dsa: augment.DSAParams, classes: torch.Tensor, per_class: int):
         return dsa.index(torch.repeat_interleave(classes.cpu(), per_class))
@@ -250,6 +250,10 @@ class Matcher:
         """Classes per graph chunk: set, or chosen from ``memory_budget_mb``."""
         if self.s.class_chunk:
             return min(self.s.class_chunk, self.C)
+        if self.device.type == "cpu":
+            # measured (benchmarks/bench_matching_cpu.py): one class per graph is fastest on the
+            # CPU; ten live graphs cost 1.8x in page faults and cache misses
+            return 1
         per_image = sum(b.numel() for b in _activation_probe(self))  # floats per image per block
         per_class = batch * per_image * 4 * 12  # ~12 live copies through the double backward
         return max(1, min(self.C, int(self.s.memory_budget_mb * 2 ** 20 // max(per_class, 1))))
@@ -391,7 +395,7 @@ class Matcher:
             y = self.ds.train_labels[idx].to(self.device)
             dsa = augment.draw(s.net_strategy, len(idx), self.ds.image_size, self.gen,
                                shared_geometric=True)
-            x = ops.decode_augment(x, 1, None, dsa.to(self.device), self.mean, self.std)
+            x = ops.decode_augment(x, 1, None, dsa, self.mean, self.std)
             loss = mixed_loss(model, x, y, s.net_cutmix, self.gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -268,7 +268,7 @@ def _decode_augment_reference(stored, factor, sel, params, mean, std):
     if mean is not None:
         x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     if params is not None and params.strategy.enabled:
-        x = augment.apply_reference(x, params)
+        x = augment.apply_reference(x, params.to(x.device))
     return x
 
 
@@ -317,8 +317,8 @@ def decode_augment(stored: torch.Tensor, factor: int = 1, sel: torch.Tensor | No
 
     stored: ``[N, ch, H, W]`` float32 in [0, 1] (differentiable); factor: tiles per side;
     sel: ``[M]`` int64 decoded indices ``n * factor^2 + tile`` (None: all ``N * factor^2``);
-    params: DSA rows for the ``M`` outputs (None: no augmentation); mean/std: ``[ch]`` (None: no
-    normalisation). Returns ``[M, ch, H, W]`` float32.
+    params: DSA rows for the ``M`` outputs, on any device (None: no augmentation); mean/std:
+    ``[ch]`` (None: no normalisation). Returns ``[M, ch, H, W]`` float32.
     """
     if params is not None:
         M = stored.shape[0] * factor * factor if sel is None else sel.shape[0]

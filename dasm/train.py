@@ -70,8 +70,8 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s:
         for lo in range(0, n, s.batch):
             idx = order[lo:lo + s.batch]
             x = to_float(images[idx])
-            params = augment.draw(s.strategy, len(idx), size, generator, shared_geometric=True,
-                                  device=device) if s.strategy.enabled else None
+            params = augment.draw(s.strategy, len(idx), size, generator,
+                                  shared_geometric=True) if s.strategy.enabled else None
             x = ops.decode_augment(x, 1, None, params, mean, std)
             loss = mixed_loss(model, x, labels[idx], s.cutmix, generator)
             opt.zero_grad(set_to_none=True)

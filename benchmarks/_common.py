@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmarks: machine description, results files, tables."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        try:
+            import triton
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                        capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def update_results(name: str, key: str, value) -> Path:
+    """Set ``key`` in ``results/<name>`` (JSON), atomically, keeping the other keys."""
+    from dasm import io
+
+    path = RESULTS / name
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    data.setdefault("machines", {})[key] = machine()
+    io.write_json(path, data)
+    return path
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    widths = [max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in cols]
+    line = lambda vals: "| " + " | ".join(str(v).ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa
+    out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line([r.get(c, "") for c in cols]) for r in rows]
+    return "\n".join(out)

@@ -1,0 +1,164 @@
+"""Triton kernels against the reference backend, forward and backward, on fresh random inputs.
+
+Without a GPU they run on Triton's CPU interpreter (TRITON_INTERPRET=1, set in conftest.py)
+on small grids; with one (``-m cuda``) on the device, larger.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from dasm import augment, ops
+from dasm.augment import Strategy
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and the Triton interpreter is off", allow_module_level=True)
+
+from dasm.kernels import decode_augment as k_decode  # noqa: E402
+from dasm.kernels import grad_distance as k_dist  # noqa: E402
+from dasm.kernels import sample_scores as k_scores  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ALL = "color_crop_cutout_flip_scale_rotate"
+
+
+def close(a, b, **kw):
+    torch.testing.assert_close(a.cpu(), b.cpu(), **kw)
+
+
+# ------------------------------------------------------------------------- sample_scores
+@pytest.mark.parametrize("N, K", [(5, 10), (37, 3), (9, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sample_scores(N, K, dtype):
+    g = torch.Generator().manual_seed(N * K)
+    logits = (torch.randn(N, K, generator=g) * 3).to(dtype).to(DEV)
+    labels = torch.randint(0, K, (N,), generator=g).to(DEV)
+    got = k_scores.sample_scores(logits, labels)
+    want = ops.reference("sample_scores")(logits, labels)
+    for a, b in zip(got, want):
+        close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_scores_strided_and_large_k():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 2100, generator=g).to(DEV)[:, ::2]  # K = 1050 > one tile
+    labels = torch.randint(0, 1050, (6,), generator=g).to(DEV)
+    for a, b in zip(k_scores.sample_scores(logits, labels),
+                    ops.reference("sample_scores")(logits, labels)):
+        close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------- grad_distance
+LAYOUT = ops.GradLayout.from_shapes(["a", "b", "c"], [(3, 1, 3, 3), (4, 3, 3, 3), (2, 4)])
+
+
+@pytest.mark.parametrize("metric", ["l1", "mse", "cos"])
+def test_grad_distance_forward_backward(metric):
+    g = torch.Generator().manual_seed(1)
+    C, P = 3, LAYOUT.numel
+    gr = torch.randn(C, P, generator=g).to(DEV)
+    gs0 = torch.randn(C, P, generator=g).to(DEV)
+    gs0[1, :27] = 0.0  # a zero row for cos (|y| = 0)
+    w = torch.randn(C, generator=g).to(DEV)
+    outs = []
+    for fn in (ops.reference("grad_distance"), k_dist.grad_distance):
+        gs = gs0.clone().requires_grad_()
+        d = fn(gr, gs, LAYOUT, metric)
+        (grad,) = torch.autograd.grad((d * w).sum(), gs)
+        outs.append((d.detach(), grad))
+    close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ decode_augment
+def run_both(stored, factor, sel, params, mean, std, seed=3):
+    outs = []
+    for fn in (ops.reference("decode_augment"), k_decode.decode_augment):
+        x = stored.clone().requires_grad_()
+        y = fn(x, factor, sel, params, mean, std)
+        gout = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device)
+        (gx,) = torch.autograd.grad((y * gout).sum(), x)
+        outs.append((y.detach(), gx))
+    return outs
+
+
+CASES = [  # (channels, size, factor, strategy, shared_geometric)
+    (1, (8, 8), 2, ALL, False),
+    (3, (8, 8), 1, ALL, False),
+    (1, (7, 9), 2, "color_crop_cutout", False),
+    (3, (9, 9), 3, "flip_rotate", False),
+    (1, (28, 28), 2, "color_crop_cutout", True),
+    (3, (6, 6), 2, "none", False),
+]
+
+
+@pytest.mark.parametrize("ch, size, factor, strategy, shared", CASES)
+def test_decode_augment_matches_reference(ch, size, factor, strategy, shared):
+    g = torch.Generator().manual_seed(sum(size) + factor)
+    N = 3
+    stored = torch.rand(N, ch, *size, generator=g).to(DEV)
+    M = 4 if size[0] > 16 else 6
+    sel = torch.randint(0, N * factor * factor, (M,), generator=g)
+    sel[1] = sel[0]  # a repeated tile accumulates
+    params = augment.draw(Strategy.parse(strategy), M, size, g, shared_geometric=shared)
+    mean = torch.rand(ch, generator=g).to(DEV)
+    std = (torch.rand(ch, generator=g) + 0.5).to(DEV)
+    (y0, g0), (y1, g1) = run_both(stored, factor, sel.to(DEV), params.to(DEV), mean, std)
+    close(y1, y0, rtol=1e-4, atol=2e-5)
+    close(g1, g0, rtol=1e-4, atol=2e-5)
+
+
+def test_decode_augment_each_geometric_op():
+    g = torch.Generator().manual_seed(9)
+    stored = torch.rand(2, 1, 8, 8, generator=g).to(DEV)
+    for name, code in augment.GEOMETRIC.items():
+        p = augment.draw(Strategy.parse(f"flip_{name}"), 8, (8, 8), g)
+        assert (p.geo == code).all()
+        (y0, g0), (y1, g1) = run_both(stored, 2, None, p.to(DEV), None, None)
+        close(y1, y0, rtol=1e-4, atol=2e-5)
+        close(g1, g0, rtol=1e-4, atol=2e-5)
+
+
+def test_decode_only_no_params():
+    stored = torch.rand(2, 2, 6, 6, generator=torch.Generator().manual_seed(2)).to(DEV)
+    (y0, g0), (y1, g1) = run_both(stored, 2, None, None, None, None)
+    close(y1, y0, rtol=1e-5, atol=1e-6)
+    close(g1, g0, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_forced_triton(monkeypatch):
+    monkeypatch.setenv("DASM_BACKEND", "triton")
+    stored = torch.rand(1, 1, 8, 8).to(DEV)
+    assert ops.backend_for("decode_augment", stored.device) == "triton"
+    y = ops.decode_augment(stored, 2)
+    close(y, ops.reference("decode_augment")(stored, 2, None, None, None, None), rtol=1e-5,
+          atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_matching_step_triton_equals_reference():
+    """A whole matching step with the triton backend equals the reference backend (GPU)."""
+    from dasm.config import resolve
+    from dasm.matching import Matcher
+
+    from conftest import random_dataset, smoke_config
+
+    ds = random_dataset(classes=3, per_class=16)
+    cfg = resolve(smoke_config("match.batch_real=8", "match.batch_syn=8", "device=cuda"), ds.name,
+                  ds.image_size, True)
+    m = Matcher(cfg, ds, torch.device("cuda"), torch.Generator().manual_seed(0))
+    model = m.new_network()
+    images = torch.rand(3, 2, 1, 28, 28, device="cuda")
+    draws = m.draw(ds.class_index(), 2, 0)
+    outs = []
+    for backend in ("reference", "triton"):
+        ops.set_backend(f"decode_augment={backend},grad_distance={backend}")
+        try:
+            outs.append(m.step(model, draws, images, torch.zeros_like(images)))
+        finally:
+            ops.set_backend(None)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
