@@ -47,7 +47,7 @@ def full_data_model(cfg: Config, ds: Dataset, epochs: int | None = None,
     mean, std = ds.mean_std(device)
     return train_model(model, ds.train_images, ds.train_labels,
                        TrainSettings.from_eval(cfg.eval, epochs), mean, std, g, progress,
-                       desc="full data")
+                       desc="full data", data_parallel=True)
 
 
 def loss_picks(ds: Dataset, ipc: int, model: nn.Module, hardest: bool) -> list[torch.Tensor]:
@@ -118,8 +118,11 @@ def run_baseline(method: str, cfg: Config, out: str | Path, dataset: Dataset | N
     cfg, ds, run = prepare_run(cfg, out, resume=False, dataset=dataset, kind=f"baseline-{method}")
     progress = cfg.runtime.progress if progress is None else progress
     sset = baseline(method, cfg, ds, reference_model, epochs, progress)
-    sset.save(run.synthetic)
-    save_grid(sset.images, run.grid(1))
+    from .distributed import context
+
+    if context().is_main:
+        sset.save(run.synthetic)
+        save_grid(sset.images, run.grid(1))
     run.log({"event": "done", "method": method, "ipc": cfg.synthetic.ipc})
     return sset
 

@@ -60,6 +60,7 @@ class MatchConfig:
     inner_steps: int = 100  # matching steps per outer iteration
     metric: str = _choice(AUTO, AUTO, "l1", "mse", "cos")
     lr_img: Union[float, str] = AUTO  # auto: IDC's base rate x (ipc/10) x (size/base)^2
+    lr_img_scale: float = 1.0  # multiplies an auto lr_img (short budgets want larger steps)
     mom_img: float = 0.5
     image_update: str = _choice("sequential", "sequential", "joint")
     batch_real: int = 64
@@ -92,6 +93,7 @@ class DasmConfig:
     schedule: str = _choice("linear", "linear", "constant")  # how easy_drop grows over k
     scorer_epochs: int = 300
     net_data: str = _choice("full", "full", "pool")  # real data of the matching network's updates
+    frozen_lr_compensation: bool = True  # lr_img / (trainable share of the synthetic batch)
 
 
 @dataclass
@@ -324,6 +326,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'match.lr_img' must be a number or 'auto', got {m.lr_img!r}")
     if not isinstance(m.lr_img, str):
         _positive(m.lr_img, "match.lr_img")
+    _positive(m.lr_img_scale, "match.lr_img_scale")
     md = cfg.model
     _positive(md.depth, "model.depth")
     _positive(md.width, "model.width")
@@ -419,7 +422,7 @@ def resolve(cfg: Config, dataset_name: str, image_size: tuple[int, int], cuda: b
         base = 1e-4 if mnist_like else 5e-3
         size_base = 28 if family in ("mnist", "mnist5k") else 32
         ipc = max(segment_sizes(cfg))
-        m["lr_img"] = base * (ipc / 10) * (image_size[0] / size_base) ** 2
+        m["lr_img"] = base * (ipc / 10) * (image_size[0] / size_base) ** 2 * m["lr_img_scale"]
     if m["augment"] == AUTO:
         m["augment"] = "color_crop_cutout"
     match_strategy = Strategy.parse(m["augment"], "match.augment")

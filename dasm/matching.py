@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from . import augment, ops
 from .augment import Strategy
 from .data import Dataset, to_float
+from .distributed import context
 from .errors import ConfigError
 from .models import build_model, model_options
 from .train import mixed_loss
@@ -155,6 +156,11 @@ class Matcher:
                               "match.match_bias/match_fc are off)")
         params = dict(probe.named_parameters())
         self.layout = ops.GradLayout.from_shapes(self.matched, [params[n].shape for n in self.matched])
+        self.lr_scale = 1.0  # set per segment by the scheduler (frozen-share compensation)
+        self.ctx = context()
+        self.own = torch.tensor(self.ctx.owned(self.C), dtype=torch.int64)  # this rank's classes
+        self.own_mask = torch.zeros(self.C, dtype=torch.bool)
+        self.own_mask[self.own] = True
         self.class_batching = self.s.class_batching
         if self.class_batching == "auto":
             # measured: vmap is ~2x slower than per-class autograd on CPU; on GPU it batches launches
@@ -202,9 +208,8 @@ class Matcher:
         n = stored.shape[1]
         flat = stored.reshape(-1, *stored.shape[2:])
         base = (classes.view(-1, 1) * (n * self.factor ** 2)).to(sel.device)
-        rows = dsa.index(torch.repeat_interleave(classes.cpu(), sel.shape[1]))
         return ops.decode_augment(flat, self.factor, (sel + base).reshape(-1).to(self.device),
-                                  rows, self.mean, self.std)
+                                  self._rows(dsa, classes, sel.shape[1]), self.mean, self.std)
 
     def _rows(self, dsa: augment.DSAParams, classes: torch.Tensor, per_class: int):
         return dsa.index(torch.repeat_interleave(classes.cpu(), per_class))
@@ -274,7 +279,7 @@ class Matcher:
         """IDC's literal loop: per class, frozen images join the synthetic batch (as constants)."""
         C = self.C
         leaf = images.detach().clone().requires_grad_(True)
-        opt = torch.optim.SGD([leaf], lr=self.s.lr_img, momentum=self.s.mom_img)
+        opt = torch.optim.SGD([leaf], lr=self.s.lr_img * self.lr_scale, momentum=self.s.mom_img)
         if self.s.mom_img > 0:
             opt.state[leaf]["momentum_buffer"] = momentum.detach().clone()
         weights = [dict(model.named_parameters())[n] for n in self.matched]
@@ -283,6 +288,12 @@ class Matcher:
         total = 0
         with self._block_override():
             for c in range(C):
+                if not self.ctx.owns(c):  # another rank's class: IDC's momentum-only step here
+                    losses.append(torch.zeros((), device=self.device))
+                    if not joint:
+                        leaf.grad = torch.zeros_like(leaf)
+                        opt.step()
+                    continue
                 cls = torch.tensor([c])
                 xr = self._real_batch(draws.real[c], self._rows(draws.dsa, cls, draws.real.shape[1]))
                 gr = self._class_grad(model, weights, xr, c, create_graph=False)
@@ -309,7 +320,7 @@ class Matcher:
 
     def _step_batched(self, model, draws, images, momentum, frozen):
         C, dev = self.C, self.device
-        lr, mu = self.s.lr_img, self.s.mom_img
+        lr, mu = self.s.lr_img * self.lr_scale, self.s.mom_img
         sequential = self.s.image_update == "sequential"
         if sequential:
             pre, keep, carry, total = sequential_momentum_coefficients(C, mu)
@@ -323,15 +334,16 @@ class Matcher:
             p.requires_grad_(False)
         for w in weights:
             w.requires_grad_(True)
-        all_classes = torch.arange(C)
+        own = self.own  # this rank's classes (all of them in a single process)
+        own_dev = own.to(dev)
         try:
             with self._block_override():
                 # real side: no graph, straight into the flat buffer
                 gr = torch.zeros(C, self.layout.numel, device=dev)
                 br = draws.real.shape[1]
-                xr = self._real_batch(draws.real.reshape(-1), self._rows(draws.dsa, all_classes, br))
-                self._accumulate(model, weights, gr, xr.view(C, br, *xr.shape[1:]),
-                                 all_classes.to(dev), 1.0)
+                xr = self._real_batch(draws.real[own].reshape(-1), self._rows(draws.dsa, own, br))
+                self._accumulate(model, weights, gr, xr.view(len(own), br, *xr.shape[1:]), own_dev,
+                                 1.0)
                 # frozen side: no graph, in chunks of frozen_chunk images per class
                 n_t = draws.syn.shape[1]
                 n_f = 0 if draws.frozen is None else draws.frozen.shape[1]
@@ -340,18 +352,20 @@ class Matcher:
                     gf = torch.zeros(C, self.layout.numel, device=dev)
                     step = self.s.frozen_chunk
                     for lo in range(0, n_f, step):
-                        sel = draws.frozen[:, lo:lo + step]
+                        sel = draws.frozen[own, lo:lo + step]
                         with torch.no_grad():
-                            xf = self._decoded(frozen, sel, all_classes, draws.dsa)
-                        self._accumulate(model, weights, gf, xf.view(C, sel.shape[1], *xf.shape[1:]),
-                                         all_classes.to(dev), sel.shape[1] / n_f)
+                            xf = self._decoded(frozen, sel, own, draws.dsa)
+                        self._accumulate(model, weights, gf,
+                                         xf.view(len(own), sel.shape[1], *xf.shape[1:]), own_dev,
+                                         sel.shape[1] / n_f)
                 # trainable side: a graph per chunk of classes, one distance, one backward
                 w_t, w_f = n_t / (n_t + n_f), n_f / (n_t + n_f)
                 losses = torch.zeros(C, device=dev)
                 chunk = self._chunk_classes(n_t + n_f)
-                for lo in range(0, C, chunk):
-                    cls = all_classes[lo:lo + chunk]
-                    xs = self._decoded(leaf, draws.syn[lo:lo + chunk], cls, draws.dsa)
+                for lo in range(0, len(own), chunk):
+                    cls = own[lo:lo + chunk]
+                    rows = cls.to(dev)
+                    xs = self._decoded(leaf, draws.syn[cls], cls, draws.dsa)
                     xs = xs.view(len(cls), n_t, *xs.shape[1:])
                     if self.class_batching == "vmap":
                         gs = torch.cat([g.reshape(len(cls), -1)
@@ -361,10 +375,10 @@ class Matcher:
                                                      self._class_grad(model, weights, xs[j], c, True)])
                                           for j, c in enumerate(cls.tolist())])
                     if gf is not None:
-                        gs = w_t * gs + w_f * gf[lo:lo + chunk]
-                    dist = ops.grad_distance(gr[lo:lo + chunk], gs, self.layout, self.s.metric)
+                        gs = w_t * gs + w_f * gf[rows]
+                    dist = ops.grad_distance(gr[rows], gs, self.layout, self.s.metric)
                     dist.sum().backward(inputs=[leaf])
-                    losses[lo:lo + chunk] = dist.detach()
+                    losses[rows] = dist.detach()
         finally:
             for p in named.values():
                 p.requires_grad_(True)
@@ -376,6 +390,10 @@ class Matcher:
             else:
                 new_mom = mu * momentum + g
                 new_images = images - lr * new_mom
+            if self.ctx.active:  # other ranks' classes stay as they were here
+                mask = _bcast(self.own_mask, images).bool()
+                new_images = torch.where(mask, new_images, images)
+                new_mom = torch.where(mask, new_mom, momentum)
         return new_images.detach(), new_mom, losses
 
     # --------------------------------------------------------------- network
@@ -396,9 +414,11 @@ class Matcher:
             dsa = augment.draw(s.net_strategy, len(idx), self.ds.image_size, self.gen,
                                shared_geometric=True)
             x = ops.decode_augment(x, 1, None, dsa, self.mean, self.std)
-            loss = mixed_loss(model, x, y, s.net_cutmix, self.gen)
+            shard = self.ctx.shard(len(idx)) if self.ctx.active else None
+            loss = mixed_loss(model, x, y, s.net_cutmix, self.gen, shard)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            self.ctx.all_reduce_grads(model)
             opt.step()
 
     def new_network_optimizer(self, model):
@@ -407,17 +427,30 @@ class Matcher:
                                weight_decay=s.net_weight_decay)
 
     # ------------------------------------------------------------------ run
+    def trainable_share(self, n_train: int, n_frozen: int) -> float:
+        """Share of trainable images in each class's synthetic batch (1 without frozen ones)."""
+        f2 = self.factor ** 2
+        n_t = min(self.s.batch_syn, n_train * f2)
+        if not n_frozen:
+            return 1.0
+        n_f = n_frozen * f2 if self.s.frozen_per_class == 0 else \
+            min(self.s.frozen_per_class, n_frozen * f2)
+        return n_t / (n_t + n_f)
+
     def distill(self, images: torch.Tensor, pools: list[torch.Tensor], net_pool: torch.Tensor,
                 iterations: int, inner_steps: int, frozen: torch.Tensor | None = None,
-                segment: int = 0) -> torch.Tensor:
+                segment: int = 0, lr_scale: float = 1.0) -> torch.Tensor:
         """Run ``iterations`` outer iterations on the trainable ``images [C, n, ch, H, W]``.
 
         pools: per-class real indices matched against; net_pool: real indices of the network's
-        updates; frozen: earlier segments (constants). Returns the distilled images.
+        updates; frozen: earlier segments (constants); lr_scale multiplies lr_img. Returns the
+        distilled images.
         """
+        self.lr_scale = lr_scale
         from tqdm.auto import tqdm
 
         images = images.to(self.device).float()
+        start = images.clone()
         momentum = torch.zeros_like(images)
         n_frozen = 0 if frozen is None else frozen.shape[1]
         frozen = None if frozen is None else frozen.to(self.device).float()
@@ -437,9 +470,10 @@ class Matcher:
                 n_acc += 1
                 self.train_network(model, opt, net_pool)
             if (it + 1) % self.cfg.match.log_every == 0 or it + 1 == iterations:
-                per_class = (acc / max(n_acc, 1)).tolist()
+                per_class = self.ctx.all_reduce_(acc / max(n_acc, 1)).tolist()
                 record = {"event": "match", "segment": segment, "iteration": it + 1,
                           "loss": sum(per_class) / self.C, "loss_per_class": per_class,
+                          "image_change": (images - start).abs().mean().item(),
                           "seconds": round(time.perf_counter() - t0, 3)}
                 self.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3g}")

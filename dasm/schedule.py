@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from . import io, rng, runtime
+from . import distributed, io, rng, runtime
 from .config import Config, from_dict, resolve, same_run, segment_sizes, window_for
 from .data import Dataset, dataset_from_config, to_float
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError, DasmError, RunDirError
 from .matching import Matcher
 from .models import build_model, model_options
 from .scoring import difficulty, score_dataset, window_pools
@@ -54,7 +54,8 @@ class RunDir:
         return self.path / f"grid_seg{k}.png"
 
     def log(self, record: dict) -> None:
-        io.append_jsonl(self.metrics, {"time": round(time.time(), 3), **record})
+        if distributed.context().is_main:  # rank 0 alone writes
+            io.append_jsonl(self.metrics, {"time": round(time.time(), 3), **record})
 
     def load_config(self) -> Config:
         import yaml
@@ -100,17 +101,9 @@ def preflight(cfg: Config, ds: Dataset) -> None:
                     f"init ({cfg.synthetic.init}) needs {need}")
 
 
-def prepare_run(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None = None,
-                kind: str = "distill"):
-    """Resolve the config against the dataset, apply runtime settings, and claim ``out``.
-
-    Without ``resume`` a directory that already holds a run is refused (nothing is
-    overwritten); with ``resume`` its saved config must equal this one.
-    """
-    ds = dataset if dataset is not None else dataset_from_config(cfg.data)
-    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available())
-    preflight(cfg, ds)
-    run = RunDir(out)
+def claim_run_dir(run: RunDir, cfg: Config, resume: bool) -> None:
+    """Refuse a directory that holds another run (or, resuming, a different config); write
+    config.yaml into a new one."""
     if run.config.exists():
         if not resume:
             raise RunDirError(f"{run.path} already holds a run (config.yaml); pass --resume to "
@@ -124,6 +117,28 @@ def prepare_run(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | N
     run.path.mkdir(parents=True, exist_ok=True)
     if not run.config.exists():
         io.write_text(run.config, cfg.to_yaml())
+
+
+def prepare_run(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None = None,
+                kind: str = "distill"):
+    """Resolve the config against the dataset, apply runtime settings, and claim ``out``.
+
+    Without ``resume`` a directory that already holds a run is refused (nothing is
+    overwritten); with ``resume`` its saved config must equal this one.
+    """
+    ds = dataset if dataset is not None else dataset_from_config(cfg.data)
+    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available())
+    preflight(cfg, ds)
+    ctx = distributed.init_from_env(cfg.dist.backend, cfg.dist.timeout_s)
+    run = RunDir(out)
+    error = None
+    if ctx.is_main:  # rank 0 claims the directory; every rank learns the outcome
+        try:
+            claim_run_dir(run, cfg, resume)
+        except DasmError as e:
+            error = e
+    if ctx.any_failed(error is not None):
+        raise error or DasmError(f"rank 0 could not claim {run.path} (see its message)")
     settings = runtime.apply(cfg)
     run.log({"event": "start", "kind": kind, "resume": resume, "config_digest": cfg.digest(),
              "dataset": ds.name, "train_images": int(ds.train_images.shape[0]), **settings})
@@ -140,15 +155,17 @@ def train_scorer(cfg: Config, ds: Dataset, stored: torch.Tensor, factor: int,
                         device=device, **opts)
     mean, std = ds.mean_std(device)
     settings = TrainSettings.from_eval(cfg.eval, cfg.dasm.scorer_epochs)
-    return train_model(model, x, y, settings, mean, std, generator, progress, desc="scorer")
+    return train_model(model, x, y, settings, mean, std, generator, progress, desc="scorer",
+                       data_parallel=True)
 
 
 def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset | None = None,
             progress: bool | None = None) -> SyntheticSet:
     """Run DASM (K = 1: IDC) and write the run directory ``out``. Returns the synthetic set."""
     cfg, ds, run = prepare_run(cfg, out, resume, dataset)
-    progress = cfg.runtime.progress if progress is None else progress
-    device = torch.device(cfg.device)
+    ctx = distributed.context()
+    progress = (cfg.runtime.progress if progress is None else progress) and ctx.is_main
+    device = distributed.device_for(ctx, cfg.device)
     sizes = segment_sizes(cfg)
     K, C, f = len(sizes), ds.num_classes, cfg.synthetic.factor
     ipc, ch, size = cfg.synthetic.ipc, ds.channels, ds.image_size
@@ -168,13 +185,12 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
     for k in range(start, K):
         t0 = time.perf_counter()
         done = sum(sizes[:k])
-        if k == 0:
+        easy, hard = window_for(cfg, k, K)
+        if easy == 0.0 and hard == 0.0:  # full pool: no scorer needed
             pools = list(class_index)
-            easy = hard = 0.0
         else:
             scorer = train_scorer(cfg, ds, stored[:, :done], f, gen, progress)
             hardness = difficulty(score_dataset(scorer, ds), cfg.dasm.score)
-            easy, hard = window_for(cfg, k, K)
             pools = window_pools(hardness, class_index, easy, hard, ds.classes)
             del scorer
         # init from images of the pool that no earlier init used
@@ -198,17 +214,27 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
         run.log({"event": "segment_start", "segment": k, "ipc": sizes[k], "easy_drop": easy,
                  "hard_drop": hard, "pool_sizes": [len(p) for p in pools]})
         frozen = stored[:, :done] if done else None
+        # frozen images dilute each trainable image's share of the synthetic gradient; scaling
+        # the step by 1/share keeps IDC's per-image step size at this segment's IPC
+        share = matcher.trainable_share(sizes[k], done)
+        lr_scale = 1.0 / share if cfg.dasm.frozen_lr_compensation else 1.0
+        run.log({"event": "segment_lr", "segment": k, "trainable_share": share,
+                 "lr_img": cfg.match.lr_img * lr_scale})
         result = matcher.distill(init, pools, net_pool, cfg.match.iterations, cfg.match.inner_steps,
-                                 frozen=frozen, segment=k)
-        stored[:, done:done + sizes[k]] = result.cpu()
-        io.torch_save({"segment": k + 1, "stored": stored, "used": used,
-                       "generator": gen.get_state(), "digest": cfg.digest()}, run.checkpoint(k + 1))
-        save_grid(stored[:, done:done + sizes[k]], run.grid(k + 1))
+                                 frozen=frozen, segment=k, lr_scale=lr_scale)
+        stored[:, done:done + sizes[k]] = ctx.join_classes(result).cpu()
+        if ctx.is_main:
+            io.torch_save({"segment": k + 1, "stored": stored, "used": used,
+                           "generator": gen.get_state(), "digest": cfg.digest()},
+                          run.checkpoint(k + 1))
+            save_grid(stored[:, done:done + sizes[k]], run.grid(k + 1))
         run.log({"event": "segment_done", "segment": k,
                  "seconds": round(time.perf_counter() - t0, 2)})
     sset = SyntheticSet(stored, f, sizes, ds.name, ds.classes, ds.mean, ds.std,
                         {"method": "dasm" if K > 1 else "idc", "config_digest": cfg.digest(),
                          "seed": cfg.seed})
-    sset.save(run.synthetic)
+    if ctx.is_main:
+        sset.save(run.synthetic)
     run.log({"event": "done", "segments": K})
+    ctx.barrier()  # outputs are complete before any rank returns
     return sset

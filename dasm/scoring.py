@@ -44,9 +44,20 @@ def score_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, m
 
 
 def score_dataset(model: nn.Module, dataset: Dataset, batch: int = 1024) -> dict[str, torch.Tensor]:
+    """Scores of every training image. Under torch.distributed each rank scores a slice and
+    the slices are gathered, so every rank returns the whole set."""
+    from .distributed import _comm_device, context
+
+    ctx = context()
     device = next(model.parameters()).device
     mean, std = dataset.mean_std(device)
-    return score_images(model, dataset.train_images, dataset.train_labels, mean, std, batch)
+    n = dataset.train_images.shape[0]
+    part = ctx.shard(n)
+    scores = score_images(model, dataset.train_images[part], dataset.train_labels[part], mean,
+                          std, batch)
+    if not ctx.active:
+        return scores
+    return {k: ctx.gather_slices(v.to(_comm_device()), n).cpu() for k, v in scores.items()}
 
 
 def difficulty(scores: dict[str, torch.Tensor], kind: str) -> torch.Tensor:

@@ -39,20 +39,36 @@ class TrainSettings:
 
 
 def mixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cutmix_p: float,
-               generator: torch.Generator) -> torch.Tensor:
-    """Cross-entropy, with CutMix on the batch with probability ``cutmix_p`` (IDC)."""
+               generator: torch.Generator, shard: slice | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the batch, with CutMix on it with probability ``cutmix_p`` (IDC).
+
+    With ``shard``, only those rows are forwarded and their share of the batch mean is returned
+    (the shares of all ranks sum to the mean); the random draws are the same either way.
+    """
+    n = x.shape[0]
+    lam, y_b = 1.0, y
     if cutmix_p > 0 and torch.rand((), generator=generator).item() < cutmix_p:
-        xm, perm, lam = augment.cutmix(x, generator)
-        out = model(xm)
-        return lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
-    return F.cross_entropy(model(x), y)
+        x, perm, lam = augment.cutmix(x, generator)
+        y_b = y[perm]
+    if shard is not None:
+        x, y, y_b = x[shard], y[shard], y_b[shard]
+    out = model(x)
+    loss = F.cross_entropy(out, y, reduction="sum")
+    if lam < 1.0:
+        loss = lam * loss + (1 - lam) * F.cross_entropy(out, y_b, reduction="sum")
+    return loss / n
 
 
 def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s: TrainSettings,
                 mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
-                progress: bool = False, desc: str = "train") -> nn.Module:
+                progress: bool = False, desc: str = "train", data_parallel: bool = False
+                ) -> nn.Module:
     """Train ``model`` in place on ``images [N, ch, H, W]`` (uint8, or float in [0, 1]) and
-    ``labels [N]``, on the model's device."""
+    ``labels [N]``, on the model's device. ``data_parallel``: under torch.distributed, each rank
+    forwards a slice of every batch and gradients are summed over ranks."""
+    from .distributed import context
+
+    ctx = context() if data_parallel else None
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -73,9 +89,12 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s:
             params = augment.draw(s.strategy, len(idx), size, generator,
                                   shared_geometric=True) if s.strategy.enabled else None
             x = ops.decode_augment(x, 1, None, params, mean, std)
-            loss = mixed_loss(model, x, labels[idx], s.cutmix, generator)
+            shard = ctx.shard(len(idx)) if ctx is not None and ctx.active else None
+            loss = mixed_loss(model, x, labels[idx], s.cutmix, generator, shard)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if shard is not None:
+                ctx.all_reduce_grads(model)
             opt.step()
         sched.step()
     return model

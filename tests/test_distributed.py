@@ -1,0 +1,144 @@
+"""torch.distributed on the CPU (gloo, 2 processes): the 2-process run equals the 1-process run,
+sharded scoring equals unsharded scoring, a failing or stuck rank fails the run in bounded time,
+and --resume finishes a run that failed.
+
+Equality is within float32 tolerance, not bitwise: the matching network's updates sum two
+half-batch gradients with an all-reduce where one process sums the whole batch at once, and
+convolutions on half batches round differently; everything else (draws, pools, inits,
+class-to-rank ownership) is identical by construction.
+"""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dasm import SyntheticSet
+
+from conftest import ROOT, SMOKE
+
+SEG = ["--set", "synthetic.ipc=4", "--set", "dasm.segments=2", "--set", "data.train_per_class=40",
+       "--set", "dasm.easy_drop=0.25", "--set", "dasm.hard_drop=0.1"]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
+                                not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    e.update(extra)
+    return e
+
+
+def distill_cli(out, nproc, extra=()):
+    base = ["-m", "dasm", "distill", "--config", SMOKE, "--out", str(out), *SEG, *extra]
+    if nproc == 1:
+        cmd = [sys.executable, *base]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", *base]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env())
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "one"
+    r = distill_cli(out, 1)
+    assert r.returncode == 0, r.stderr
+    return SyntheticSet.load(out / "synthetic.safetensors")
+
+
+def test_two_processes_equal_one(one_process, tmp_path):
+    r = distill_cli(tmp_path / "two", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = SyntheticSet.load(tmp_path / "two" / "synthetic.safetensors")
+    assert two.segment_sizes == one_process.segment_sizes
+    torch.testing.assert_close(two.images, one_process.images, rtol=1e-3, atol=1e-4)
+    metrics = (tmp_path / "two" / "metrics.jsonl").read_text()
+    assert metrics.count('"event": "start"') == 1  # rank 0 alone writes
+
+
+# ----------------------------------------------------------------- spawned workers
+def _init(rank, world, port, timeout_s=60):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from dasm import distributed
+    return distributed.init_from_env("gloo", timeout_s)
+
+
+def _score_worker(rank, world, port, path):
+    from dasm.data import load_dataset
+    from dasm.models import build_model
+    from dasm.scoring import score_dataset
+
+    _init(rank, world, port)
+    ds = load_dataset("fashion-mnist", train_per_class=30, test_limit=10)
+    model = build_model("convnet", 1, 10, (28, 28), torch.Generator().manual_seed(0), width=8)
+    scores = score_dataset(model, ds, batch=64)
+    if rank == 0:
+        torch.save(scores, path)
+
+
+def test_sharded_scoring_equals_unsharded(tmp_path):
+    from dasm.data import load_dataset
+    from dasm.models import build_model
+    from dasm.scoring import score_dataset
+
+    mp.spawn(_score_worker, args=(2, free_port(), str(tmp_path / "s.pt")), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "s.pt")
+    ds = load_dataset("fashion-mnist", train_per_class=30, test_limit=10)
+    model = build_model("convnet", 1, 10, (28, 28), torch.Generator().manual_seed(0), width=8)
+    whole = score_dataset(model, ds, batch=64)
+    for k in ("loss", "el2n", "margin"):
+        assert sharded[k].shape == (300,)
+        torch.testing.assert_close(sharded[k], whole[k], rtol=1e-5, atol=1e-5)
+
+
+def _distill_worker(rank, world, port, out, mode):
+    from conftest import smoke_config
+    from dasm import matching
+    from dasm.schedule import distill
+
+    _init(rank, world, port, timeout_s=8)
+    if rank == 1:
+        original = matching.Matcher.distill
+
+        def faulty(self, *a, segment=0, **kw):
+            if segment == 1:
+                if mode == "crash":
+                    raise RuntimeError("injected failure on rank 1")
+                time.sleep(3600)  # stuck: rank 0 must time out, not hang
+            return original(self, *a, segment=segment, **kw)
+
+        matching.Matcher.distill = faulty
+    args = [a for a in SEG if a != "--set"]
+    distill(smoke_config(*args), out)
+
+
+@pytest.mark.parametrize("mode", ["crash", "stuck"])
+def test_failing_rank_fails_the_run_and_resume_finishes(one_process, tmp_path, mode):
+    out = tmp_path / "run"
+    t0 = time.time()
+    with pytest.raises(Exception) as info:
+        mp.spawn(_distill_worker, args=(2, free_port(), str(out), mode), nprocs=2, join=True)
+    assert time.time() - t0 < 120
+    text = str(info.value)
+    assert ("injected failure" in text) if mode == "crash" else ("Timed out" in text or
+                                                                "timed out" in text.lower())
+    assert (out / "checkpoints" / "segment_001.pt").exists()
+    assert not (out / "synthetic.safetensors").exists()
+    r = distill_cli(out, 2, ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = SyntheticSet.load(out / "synthetic.safetensors")
+    torch.testing.assert_close(resumed.images, one_process.images, rtol=1e-3, atol=1e-4)
