@@ -298,8 +298,10 @@ def apply_reference(x: torch.Tensor, p: DSAParams) -> torch.Tensor:
         x = contrast(saturation(brightness(x, p.brightness), p.saturation), p.contrast)
     if st.geometric:
         out = x
+        # on the CPU, skip the ops no row uses (a per-batch choice uses one of three)
+        present = set(p.geo.unique().tolist()) if p.geo.device.type == "cpu" else None
         for name, code in GEOMETRIC.items():
-            if name in st.geometric:
+            if name in st.geometric and (present is None or code in present):
                 op = {"crop": lambda v: crop(v, p.shift), "scale": lambda v: scale(v, p.scale),
                       "rotate": lambda v: rotate(v, p.angle)}[name]
                 out = torch.where(_col(p.geo == code), op(x), out)

@@ -93,7 +93,7 @@ class DasmConfig:
     schedule: str = _choice("linear", "linear", "constant")  # how easy_drop grows over k
     scorer_epochs: int = 300
     net_data: str = _choice("full", "full", "pool")  # real data of the matching network's updates
-    frozen_lr_compensation: bool = True  # lr_img / (trainable share of the synthetic batch)
+    frozen_lr_compensation: bool = False  # lr_img / (trainable share of the synthetic batch)
 
 
 @dataclass

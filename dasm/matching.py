@@ -110,15 +110,13 @@ def sequential_momentum_coefficients(C: int, mu: float):
     gradient taken at ``x - lr * pre * b``; afterwards ``b' = mu^C b + keep * g`` and
     ``x' = x_pre - lr * total * (carry * b + g)``.
     """
-    c = torch.arange(C, dtype=torch.float64)
-    powsum = lambda lo, hi: torch.tensor(  # noqa: E731  sum_{k=lo..hi} mu^k
-        [sum(mu ** k for k in range(int(a), int(b) + 1)) for a, b in zip(lo, hi)],
-        dtype=torch.float64)
-    pre = powsum(torch.ones(C), c)  # mu + ... + mu^c
-    keep = torch.tensor([mu ** (C - 1 - int(k)) for k in c], dtype=torch.float64)
-    carry = torch.tensor([mu ** (int(k) + 1) for k in c], dtype=torch.float64)
-    total = powsum(torch.zeros(C), C - 1 - c)  # 1 + mu + ... + mu^(C-1-c)
-    return pre, keep, carry, total
+    powers = [mu ** k for k in range(C + 1)]
+    upto = lambda hi: sum(powers[:hi + 1])  # noqa: E731  1 + mu + ... + mu^hi
+    pre = [upto(c) - 1 for c in range(C)]  # mu + ... + mu^c
+    keep = [powers[C - 1 - c] for c in range(C)]
+    carry = [powers[c + 1] for c in range(C)]
+    total = [upto(C - 1 - c) for c in range(C)]
+    return tuple(torch.tensor(v, dtype=torch.float64) for v in (pre, keep, carry, total))
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -175,7 +173,7 @@ class Matcher:
 
     def _block_override(self):
         """The fused ext block does not run under vmap or second-order norm matching."""
-        if self.class_batching == "vmap" and self.s.engine == "batched" or self.s.match_bias:
+        if (self.class_batching == "vmap" and self.s.engine == "batched") or self.s.match_bias:
             return ops.override(instance_norm_relu_pool="reference")
         return ops.override()
 

@@ -50,20 +50,33 @@ def _decoded(stored_ptr, base_n, ch_off, qy, qx, ti, tj, H, W, TH, TW, scale_h, 
 
 
 @triton.jit
-def _mean_kernel(stored_ptr, sel_ptr, mean_ptr, std_ptr, mu_ptr, H, W, TH, TW, scale_h, scale_w,
-                 CH: tl.constexpr, CHP: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
-    """mu_m = mean over channels and pixels of the normalised decoded image."""
-    m = tl.program_id(0)
+def _source(sel_ptr, m, mean_ptr, std_ptr, H, W, CH: tl.constexpr, CHP: tl.constexpr,
+            F: tl.constexpr):
+    """Where output sample m decodes from (base offset of its stored image, tile row and column)
+    and its channels' indices, mask and normalisation ([CHP, 1] each)."""
     sel = tl.load(sel_ptr + m)
-    n = sel // (F * F)
     t = sel % (F * F)
-    ti = t // F
-    tj = t % F
     cidx = tl.arange(0, CHP)[:, None]
     cmask = cidx < CH
     mean = tl.load(mean_ptr + cidx, mask=cmask, other=0.0)
     inv_std = 1.0 / tl.load(std_ptr + cidx, mask=cmask, other=1.0)
-    base_n = n * CH * H * W
+    return (sel // (F * F)) * CH * H * W, t // F, t % F, cidx, cmask, mean, inv_std
+
+
+@triton.jit
+def _affine(prm, offset: tl.constexpr):
+    """Six coefficients of a 2 x 3 affine stored at prm + offset."""
+    return (tl.load(prm + offset), tl.load(prm + offset + 1), tl.load(prm + offset + 2),
+            tl.load(prm + offset + 3), tl.load(prm + offset + 4), tl.load(prm + offset + 5))
+
+
+@triton.jit
+def _mean_kernel(stored_ptr, sel_ptr, mean_ptr, std_ptr, mu_ptr, H, W, TH, TW, scale_h, scale_w,
+                 CH: tl.constexpr, CHP: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr):
+    """mu_m = mean over channels and pixels of the normalised decoded image."""
+    m = tl.program_id(0)
+    base_n, ti, tj, cidx, cmask, mean, inv_std = _source(sel_ptr, m, mean_ptr, std_ptr, H, W, CH,
+                                                         CHP, F)
     acc = tl.zeros([CHP, BLOCK], tl.float32)
     for p0 in range(0, H * W, BLOCK):
         pix = p0 + tl.arange(0, BLOCK)[None, :]
@@ -86,26 +99,13 @@ def _forward_kernel(stored_ptr, sel_ptr, prm_ptr, box_ptr, mean_ptr, std_ptr, mu
     oy = pix // W
     ox = pix % W
     prm = prm_ptr + m * 16
-    a00 = tl.load(prm)
-    a01 = tl.load(prm + 1)
-    a02 = tl.load(prm + 2)
-    a10 = tl.load(prm + 3)
-    a11 = tl.load(prm + 4)
-    a12 = tl.load(prm + 5)
+    a00, a01, a02, a10, a11, a12 = _affine(prm, 0)
     sx = a00 * ox.to(tl.float32) + a01 * oy.to(tl.float32) + a02
     sy = a10 * ox.to(tl.float32) + a11 * oy.to(tl.float32) + a12
     x0 = tl.floor(sx)
     y0 = tl.floor(sy)
-    sel = tl.load(sel_ptr + m)
-    n = sel // (F * F)
-    t = sel % (F * F)
-    ti = t // F
-    tj = t % F
-    cidx = tl.arange(0, CHP)[:, None]
-    cmask = cidx < CH
-    mean = tl.load(mean_ptr + cidx, mask=cmask, other=0.0)
-    inv_std = 1.0 / tl.load(std_ptr + cidx, mask=cmask, other=1.0)
-    base_n = n * CH * H * W
+    base_n, ti, tj, cidx, cmask, mean, inv_std = _source(sel_ptr, m, mean_ptr, std_ptr, H, W, CH,
+                                                         CHP, F)
     acc = tl.zeros([CHP, BLOCK], tl.float32)
     if COLOR:
         alpha = tl.load(prm + 12)
@@ -144,18 +144,8 @@ def _grad_y_kernel(gout_ptr, prm_ptr, box_ptr, gy_ptr, H, W, CH: tl.constexpr,
     ry = (pix // W).to(tl.float32)
     rx = (pix % W).to(tl.float32)
     prm = prm_ptr + m * 16
-    a00 = tl.load(prm)
-    a01 = tl.load(prm + 1)
-    a02 = tl.load(prm + 2)
-    a10 = tl.load(prm + 3)
-    a11 = tl.load(prm + 4)
-    a12 = tl.load(prm + 5)
-    i00 = tl.load(prm + 6)
-    i01 = tl.load(prm + 7)
-    i02 = tl.load(prm + 8)
-    i10 = tl.load(prm + 9)
-    i11 = tl.load(prm + 10)
-    i12 = tl.load(prm + 11)
+    a00, a01, a02, a10, a11, a12 = _affine(prm, 0)
+    i00, i01, i02, i10, i11, i12 = _affine(prm, 6)
     cx = tl.floor(i00 * rx + i01 * ry + i02 + 0.5)
     cy = tl.floor(i10 * rx + i11 * ry + i12 + 0.5)
     b0 = tl.load(box_ptr + m * 4)

@@ -134,8 +134,10 @@ def test_failing_rank_fails_the_run_and_resume_finishes(one_process, tmp_path, m
         mp.spawn(_distill_worker, args=(2, free_port(), str(out), mode), nprocs=2, join=True)
     assert time.time() - t0 < 120
     text = str(info.value)
-    assert ("injected failure" in text) if mode == "crash" else ("Timed out" in text or
-                                                                "timed out" in text.lower())
+    if mode == "crash":
+        assert "injected failure" in text
+    else:  # gloo's timeout raises on the waiting rank, or aborts it from its I/O thread
+        assert "timed out" in text.lower() or "SIGABRT" in text, text
     assert (out / "checkpoints" / "segment_001.pt").exists()
     assert not (out / "synthetic.safetensors").exists()
     r = distill_cli(out, 2, ["--resume"])
