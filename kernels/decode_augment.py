@@ -174,6 +174,18 @@ def _grad_y_kernel(gout_ptr, prm_ptr, box_ptr, gy_ptr, H, W, CH: tl.constexpr,
 
 
 @triton.jit
+def _upsample_weight(dst, src, scale, T, N):
+    """Weight with which output row (or column) ``dst`` < N of the bilinear upsample
+    (align_corners=False) reads tile row ``src`` of T; the same arithmetic as the forward."""
+    s = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+    i0 = s.to(tl.int32)
+    lam = s - i0.to(tl.float32)
+    i1 = tl.minimum(i0 + 1, T - 1)
+    w = tl.where(i0 == src, 1.0 - lam, 0.0) + tl.where(i1 == src, lam, 0.0)
+    return tl.where(dst < N, w, 0.0)
+
+
+@triton.jit
 def _grad_tile_kernel(gy_ptr, sel_ptr, prm_ptr, gsum_ptr, std_ptr, gt_ptr, H, W, TH, TW,
                       scale_h, scale_w, CH: tl.constexpr, CHP: tl.constexpr, F: tl.constexpr,
                       COLOR: tl.constexpr, RW: tl.constexpr, BLOCK: tl.constexpr):
@@ -204,21 +216,10 @@ def _grad_tile_kernel(gy_ptr, sel_ptr, prm_ptr, gsum_ptr, std_ptr, gt_ptr, H, W,
         c_start = tl.maximum(((b.to(tl.float32) - 0.5) / scale_w - 0.5).to(tl.int32) - 1, 0)
         for i in tl.static_range(RW):
             r = r_start + i
-            sr = tl.maximum((r.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
-            r0 = sr.to(tl.int32)
-            lr = sr - r0.to(tl.float32)
-            r1 = tl.minimum(r0 + 1, TH - 1)
-            wr = tl.where(r0 == a, 1.0 - lr, 0.0) + tl.where(r1 == a, lr, 0.0)
-            wr = tl.where(r < H, wr, 0.0)
+            wr = _upsample_weight(r, a, scale_h, TH, H)
             for j in tl.static_range(RW):
                 q = c_start + j
-                sc = tl.maximum((q.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
-                c0 = sc.to(tl.int32)
-                lc = sc - c0.to(tl.float32)
-                c1 = tl.minimum(c0 + 1, TW - 1)
-                wc = tl.where(c0 == b, 1.0 - lc, 0.0) + tl.where(c1 == b, lc, 0.0)
-                wc = tl.where(q < W, wc, 0.0)
-                w = wr * wc
+                w = wr * _upsample_weight(q, b, scale_w, TW, W)
                 ok = tmask & (w != 0.0)
                 g = tl.load(gbase + tl.where(ok, r * W + q, 0), mask=cmask & ok, other=0.0)
                 if COLOR:
