@@ -142,7 +142,11 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(argv)
+        code = run(argv)
+        if "torch" in sys.modules:  # a torchrun launch: leave the process group cleanly
+            from . import distributed
+            distributed.shutdown()
+        return code
     except DasmError as e:
         print(f"dasm: error: {e}", file=sys.stderr)
         return 2

@@ -135,8 +135,16 @@ def init_from_env(backend: str = "auto", timeout_s: int = 600) -> Context:
 
 
 def shutdown() -> None:
+    """Leave the process group after a successful run (every rank must call this).
+
+    A process that exits while holding a gloo group can abort ("terminate called without an
+    active exception") as its communication threads are torn down; the barrier makes sure no
+    rank leaves while another still talks to it. After a failure, do not call this: the ranks
+    still alive would wait in the barrier until the timeout.
+    """
     global _ctx
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     _ctx = Context()
 
