@@ -18,33 +18,33 @@ BLOCK = 1024
 
 
 @triton.jit
+def _elem_chunk(gr_ptr, gs_ptr, P, BLOCK: tl.constexpr):
+    """Program (c, j)'s chunk of class c: flat offsets into [C, P], their mask, and gs - gr."""
+    within = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = within < P
+    offs = tl.program_id(0).to(tl.int64) * P + within
+    d = tl.load(gs_ptr + offs, mask=mask, other=0.0) - tl.load(gr_ptr + offs, mask=mask, other=0.0)
+    return offs, mask, d
+
+
+@triton.jit
 def _elem_fwd(gr_ptr, gs_ptr, part_ptr, P, n_chunks, METRIC: tl.constexpr, BLOCK: tl.constexpr):
-    c = tl.program_id(0)
-    j = tl.program_id(1)
-    offs = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
-    base = c.to(tl.int64) * P
-    d = tl.load(gr_ptr + base + offs, mask=mask, other=0.0) - \
-        tl.load(gs_ptr + base + offs, mask=mask, other=0.0)
+    offs, mask, d = _elem_chunk(gr_ptr, gs_ptr, P, BLOCK)
     v = tl.abs(d) if METRIC == 0 else d * d
-    tl.store(part_ptr + c.to(tl.int64) * n_chunks + j, tl.sum(v, axis=0))
+    tl.store(part_ptr + tl.program_id(0).to(tl.int64) * n_chunks + tl.program_id(1),
+             tl.sum(v, axis=0))
 
 
 @triton.jit
 def _elem_bwd(gr_ptr, gs_ptr, gout_ptr, grad_ptr, P, METRIC: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, d = _elem_chunk(gr_ptr, gs_ptr, P, BLOCK)
     c = tl.program_id(0)
-    j = tl.program_id(1)
-    offs = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
-    base = c.to(tl.int64) * P
-    d = tl.load(gs_ptr + base + offs, mask=mask, other=0.0) - \
-        tl.load(gr_ptr + base + offs, mask=mask, other=0.0)
     g = tl.load(gout_ptr + c)
     if METRIC == 0:
         v = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     else:
         v = 2.0 * d
-    tl.store(grad_ptr + base + offs, v * g, mask=mask)
+    tl.store(grad_ptr + offs, v * g, mask=mask)
 
 
 @triton.jit
