@@ -111,7 +111,7 @@ def context() -> Context:
 
 
 def _comm_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -143,7 +143,7 @@ def shutdown() -> None:
     still alive would wait in the barrier until the timeout.
     """
     global _ctx
-    if dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     _ctx = Context()
