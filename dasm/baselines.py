@@ -16,6 +16,7 @@ import torch.nn as nn
 from . import rng
 from .config import Config
 from .data import Dataset, to_float
+from .distributed import context
 from .errors import ConfigError
 from .models import build_model
 from .scoring import score_dataset
@@ -118,8 +119,6 @@ def run_baseline(method: str, cfg: Config, out: str | Path, dataset: Dataset | N
     cfg, ds, run = prepare_run(cfg, out, resume=False, dataset=dataset, kind=f"baseline-{method}")
     progress = cfg.runtime.progress if progress is None else progress
     sset = baseline(method, cfg, ds, reference_model, epochs, progress)
-    from .distributed import context
-
     if context().is_main:
         sset.save(run.synthetic)
         save_grid(sset.images, run.grid(1))

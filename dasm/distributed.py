@@ -70,16 +70,17 @@ class Context:
                 off += g.numel()
 
     def gather_slices(self, part: torch.Tensor, n: int) -> torch.Tensor:
-        """Join every rank's :meth:`shard` of an ``n``-row tensor, in rank order."""
+        """Join every rank's :meth:`shard` of an ``n``-row tensor, in rank order (on
+        ``part``'s device)."""
         if not self.active:
             return part
         sizes = [Context(r, self.world).shard(n) for r in range(self.world)]
         width = max(s.stop - s.start for s in sizes)
-        padded = part.new_zeros((width, *part.shape[1:]))
+        padded = part.new_zeros((width, *part.shape[1:]), device=_comm_device())
         padded[:part.shape[0]] = part
         out = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(out, padded)
-        return torch.cat([o[:s.stop - s.start] for o, s in zip(out, sizes)])
+        return torch.cat([o[:s.stop - s.start] for o, s in zip(out, sizes)]).to(part.device)
 
     def join_classes(self, t: torch.Tensor) -> torch.Tensor:
         """Class-major ``t [C, ...]`` with every class taken from the rank that owns it."""

@@ -42,7 +42,7 @@ from .augment import Strategy
 from .data import Dataset, to_float
 from .distributed import context
 from .errors import ConfigError
-from .models import build_model, model_options
+from .models import build_model, model_options, model_skeleton
 from .train import mixed_loss
 
 
@@ -119,6 +119,13 @@ def sequential_momentum_coefficients(C: int, mu: float):
     return tuple(torch.tensor(v, dtype=torch.float64) for v in (pre, keep, carry, total))
 
 
+def check_engine(cfg) -> None:
+    """The batched engine needs per-sample independence: no batch norm (raises ConfigError)."""
+    if cfg.match.engine == "batched" and cfg.model.norm == "batch":
+        raise ConfigError("config key 'model.norm': batch norm couples the samples of a batch; "
+                          "the batched engine needs instance or no norm (or match.engine=loop)")
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
@@ -141,13 +148,9 @@ class Matcher:
         self.mean, self.std = dataset.mean_std(self.device)
         self.real_images = dataset.train_images.to(self.device)
         self.model_name, self.model_opts = model_options(cfg.model)
-        if self.s.engine == "batched" and self.model_opts.get("norm") == "batch":
-            raise ConfigError("config key 'model.norm': batch norm couples the samples of a batch; "
-                              "the batched engine needs instance or no norm (or match.engine=loop)")
-        with torch.device("meta"):  # shapes only; the run's generator is not touched
-            from .models import MODELS
-            probe = MODELS[self.model_name](dataset.channels, self.C, dataset.image_size,
-                                            **self.model_opts)
+        check_engine(cfg)
+        probe = model_skeleton(self.model_name, dataset.channels, self.C, dataset.image_size,
+                               **self.model_opts)  # shapes only; the generator is not touched
         self.matched = matched_parameters(probe, self.s.match_bias, self.s.match_fc)
         if not self.matched:
             raise ConfigError("no parameters to match (model has no conv weights and "
@@ -483,13 +486,10 @@ class Matcher:
 def _activation_probe(m: Matcher) -> list[torch.Tensor]:
     """Per-image conv outputs of the matching network (shapes only, on the meta device)."""
     outs = []
-    with torch.device("meta"):
-        from .models import MODELS
-        net = MODELS[m.model_name](m.ds.channels, m.C, m.ds.image_size, **m.model_opts)
-        hooks = [mod.register_forward_hook(lambda _m, _i, o: outs.append(o[0]))
-                 for mod in net.modules() if isinstance(mod, nn.Conv2d)]
-        with ops.override(instance_norm_relu_pool="reference"):
-            net(torch.empty(1, m.ds.channels, *m.ds.image_size))
-        for h in hooks:
-            h.remove()
+    net = model_skeleton(m.model_name, m.ds.channels, m.C, m.ds.image_size, **m.model_opts)
+    for mod in net.modules():
+        if isinstance(mod, nn.Conv2d):
+            mod.register_forward_hook(lambda _m, _i, o: outs.append(o[0]))
+    with ops.override(instance_norm_relu_pool="reference"):
+        net(torch.empty(1, m.ds.channels, *m.ds.image_size, device="meta"))
     return outs

@@ -239,14 +239,20 @@ def init_parameters(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
+def model_skeleton(name: str, channels: int, num_classes: int, image_size: tuple[int, int],
+                   **options) -> nn.Module:
+    """The registry's model on the meta device: shapes only, no memory, no random numbers."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
+    with torch.device("meta"):
+        return MODELS[name](channels, num_classes, tuple(image_size), **options)
+
+
 def build_model(name: str, channels: int, num_classes: int, image_size: tuple[int, int],
                 generator: torch.Generator, device: torch.device | str = "cpu",
                 **options) -> nn.Module:
     """A freshly initialised model from the registry (see the module docstring)."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
-    with torch.device("meta"):
-        model = MODELS[name](channels, num_classes, tuple(image_size), **options)
+    model = model_skeleton(name, channels, num_classes, image_size, **options)
     model = model.to_empty(device="cpu")
     init_parameters(model, generator)
     return model.to(device)

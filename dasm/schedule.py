@@ -28,8 +28,8 @@ from . import distributed, io, rng, runtime
 from .config import Config, from_dict, resolve, same_run, segment_sizes, window_for
 from .data import Dataset, dataset_from_config, to_float
 from .errors import ConfigError, DasmError, RunDirError
-from .matching import Matcher
-from .models import build_model, model_options
+from .matching import Matcher, check_engine
+from .models import build_model, model_options, model_skeleton
 from .scoring import difficulty, score_dataset, window_pools
 from .synthetic import SyntheticSet, initialise, real_needed, save_grid
 from .train import TrainSettings, eval_model_spec, train_model
@@ -75,19 +75,10 @@ class RunDir:
 
 def preflight(cfg: Config, ds: Dataset) -> None:
     """Every check that can fail before a run directory is touched (raises ConfigError)."""
-    from .models import MODELS
-
     for name, opts in (model_options(cfg.model), eval_model_spec(cfg)):
-        if name not in MODELS:
-            raise ConfigError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
-        with torch.device("meta"):
-            MODELS[name](ds.channels, ds.num_classes, ds.image_size, **opts)
-    if cfg.match.engine == "batched" and cfg.model.norm == "batch":
-        raise ConfigError("config key 'model.norm': batch norm couples the samples of a batch; "
-                          "the batched engine needs instance or no norm (or match.engine=loop)")
+        model_skeleton(name, ds.channels, ds.num_classes, ds.image_size, **opts)
+    check_engine(cfg)
     sizes = segment_sizes(cfg)
-    for k in range(len(sizes)):
-        window_for(cfg, k, len(sizes))
     counts = [len(i) for i in ds.class_index()]
     for k, size in enumerate(sizes):
         need = real_needed(cfg.synthetic.init, size, cfg.synthetic.factor)

@@ -46,7 +46,7 @@ def score_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, m
 def score_dataset(model: nn.Module, dataset: Dataset, batch: int = 1024) -> dict[str, torch.Tensor]:
     """Scores of every training image. Under torch.distributed each rank scores a slice and
     the slices are gathered, so every rank returns the whole set."""
-    from .distributed import _comm_device, context
+    from .distributed import context
 
     ctx = context()
     device = next(model.parameters()).device
@@ -57,7 +57,7 @@ def score_dataset(model: nn.Module, dataset: Dataset, batch: int = 1024) -> dict
                           std, batch)
     if not ctx.active:
         return scores
-    return {k: ctx.gather_slices(v.to(_comm_device()), n).cpu() for k, v in scores.items()}
+    return {k: ctx.gather_slices(v, n) for k, v in scores.items()}
 
 
 def difficulty(scores: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
