@@ -10,7 +10,6 @@ against the reference backend.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import machine, table  # noqa: E402
+
+from dasm import io  # noqa: E402
 
 
 def bench(fn, warmup=10, rep=50):
@@ -185,9 +186,7 @@ def main():
     print(table(rows, cols))
     payload = {"machine": machine(), "copy_bandwidth_GBps": round(bw, 1), "rows": rows,
                "matching_step_speedup": round(step["reference"] / step["triton"], 2)}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(payload, f, indent=2)
+    io.write_json(a.out, payload)  # atomic, like every results file
     print(f"-> {a.out}")
     return 0
 
