@@ -1,24 +1,34 @@
-"""Accuracy protocol (PROTOCOL.md): methods x IPC, evaluated identically.
+"""Accuracy protocol (PROTOCOL.md): methods x IPC x distillation seeds, evaluated identically.
 
-    python benchmarks/accuracy.py --profile configs/profiles/cpu-small.yaml
-    python benchmarks/accuracy.py --profile ... --holdout --methods idc dasm --ipc 50 \
-        --set dasm.easy_drop=0.5 --tag window-0.5       # ablation on a held-out split
+    python benchmarks/accuracy.py --profile configs/profiles/cpu.yaml            # test split
+    python benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --holdout \
+        --ipc 100 --methods idc dasm dasm-fresh dasm-no-band dasm-no-parity   # ablation
 
-Methods: random (seeded real subset), idc (one segment, full pool), dasm (K segments, difficulty
-pools), dasm-full-pool (segments without selection), easy / hard (real subsets by loss under a
-network trained on the full training set). Every run directory is kept under
-``runs/accuracy/<profile>/`` and reused when complete, so an interrupted sweep resumes.
+Methods (:data:`METHODS`): ``random`` (seeded real subset), ``idc`` (one segment, full pool),
+``idc-compute`` (idc given as many matching steps in total as the whole dasm run at that IPC:
+the equal-compute budget), ``dasm`` (the package's defaults), ``dasm-*`` (one DASM piece
+switched off each: the ablation), ``easy`` / ``hard`` (real subsets by loss under a full-data
+network). Distillation seeds come from ``benchmark.seeds`` at IPC >= 50 (the first one below).
 
-Outputs (``--tag`` adds a suffix): ``results/accuracy-<profile>.json`` (every run: method, ipc,
-seed, accuracies, wall times, config digest), ``results/accuracy-<profile>.md`` (mean +- std
-table, dasm - idc gap) and ``results/accuracy-<profile>.png`` (accuracy against IPC, with the
-full-data accuracy of the same evaluation network as a horizontal line). With ``--holdout`` the
-test split is replaced by ``benchmark.holdout_per_class`` held-out training images per class.
+Every run lives in ``runs/accuracy/<name>/<method>-ipc<N>-seed<S>-<config identity>`` and is
+reused when complete, with its evaluation when ``eval.json`` holds one of the same protocol: an
+interrupted sweep resumes where it stopped, and a changed setting makes new runs, never reuses
+stale ones.
+
+Outputs (``--tag`` adds a suffix to the name ``<profile>[-holdout]``): ``results/accuracy-<name>
+.json`` (one record per evaluated run: method, ipc, seed, budget, accuracies as fractions, mean,
+std, wall seconds, config identity), ``.md`` (mean +- std over seeds x repeats, the paired
+difference dasm - idc per seed at both budgets) and ``.png`` (accuracy against IPC for the
+contenders, full-data line, and a panel of dasm - idc). With ``--holdout`` the test split is
+replaced by ``benchmark.holdout_per_class`` held-out training images per class and the markdown
+also goes to ``results/ablation-<profile>.md``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,152 +40,247 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from dasm import api, baselines, io  # noqa: E402
-from dasm.config import _apply_overrides, _parse_override, from_dict  # noqa: E402
+from dasm.config import from_dict, parse_overrides, with_overrides  # noqa: E402
+from dasm.rules import resolve  # noqa: E402
 from dasm.data import dataset_from_config  # noqa: E402
-from dasm.schedule import RunDir, distill  # noqa: E402
-from dasm.synthetic import SyntheticSet  # noqa: E402
+from dasm.plan import plan  # noqa: E402
+from dasm.rundir import RunDir  # noqa: E402
+from dasm.schedule import distill  # noqa: E402
 from dasm.train import accuracy  # noqa: E402
 
 from _common import RESULTS, ROOT, machine, table  # noqa: E402
 
-METHODS = ("random", "idc", "dasm", "dasm-full-pool", "easy", "hard")
-DISTILLED = {"idc": {"dasm.segments": 1},
-             "dasm": {},
-             "dasm-full-pool": {"dasm.easy_drop": 0.0, "dasm.hard_drop": 0.0}}
+# method -> config overrides of a distilled run (None: a real-subset baseline)
+METHODS = {
+    "random": None,
+    "idc": {"dasm.segments": 1},
+    "idc-compute": {"dasm.segments": 1},  # iterations set per IPC: dasm's total
+    "dasm": {},
+    "dasm-fresh": {"dasm.match_init": "fresh"},  # matching networks start from scratch
+    "dasm-no-band": {"dasm.easy_drop": 0.0, "dasm.hard_drop": 0.0},  # every segment: full pool
+    "dasm-no-parity": {"dasm.step_parity": False},  # lr_img not compensated for frozen images
+    "dasm-k3": {"dasm.segments": 3},  # three segments (IPC divisible by 3: near-equal list)
+    "easy": None,
+    "hard": None,
+}
+CONTENDERS = ("random", "idc", "idc-compute", "dasm")
 
 
 def load_profile(path: str, overrides: list[str], holdout: bool):
+    """``(Config, benchmark settings)`` of a profile file; ``holdout`` tests on held-out images."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     bench = raw.pop("benchmark", {}) or {}
-    extra = dict(_parse_override(o) for o in overrides)
+    extra = parse_overrides(overrides)
     if holdout:
         extra["data.holdout_per_class"] = bench.get("holdout_per_class", 1000)
-    return from_dict(_apply_overrides(raw, extra)), bench
+    return from_dict(with_overrides(raw, extra)), bench
 
 
-def ensure_run(run_dir: Path, make) -> tuple[SyntheticSet, float]:
-    """The run's synthetic set, made by ``make()`` unless a complete one exists."""
-    rd = RunDir(run_dir)
-    if rd.synthetic.exists():
-        return SyntheticSet.load(rd.synthetic), 0.0
-    t0 = time.perf_counter()
-    sset = make(resume=rd.config.exists())
-    return sset, time.perf_counter() - t0
+def run_config(base, method: str, ipc: int, seed: int):
+    """The config of ``method`` at ``ipc`` and distillation ``seed``."""
+    cfg = base.replace(**{"synthetic.ipc": ipc, "seed": seed})
+    over = dict(METHODS[method] or {})
+    if method == "dasm-k3":
+        over["dasm.segments"] = [ipc - 2 * (ipc // 3), ipc // 3, ipc // 3]
+    if method == "idc-compute":
+        over["match.iterations"] = sum(s.iterations for s in plan(cfg))
+    return cfg.replace(**over)
+
+
+def budget_of(method: str) -> str:
+    return "equal-compute" if method == "idc-compute" else "equal-steps"
+
+
+def evaluation(run: RunDir, ds, repeats: int) -> dict:
+    """The run's evaluation by the config's protocol: reused from eval.json when one with the
+    same epochs and repeats is there, else computed (and appended)."""
+    cfg = run.load_config()
+    if run.evals.exists():
+        for e in json.loads(run.evals.read_text()).get("evaluations", []):
+            if e.get("epochs") == cfg.eval.epochs and len(e.get("accuracies", [])) == repeats \
+                    and not e.get("same_compute"):
+                return e
+    return api.evaluate(run.path, repeats=repeats, dataset=ds, progress=False)
+
+
+def distill_seconds(run: RunDir) -> float:
+    if not run.metrics.exists():
+        return 0.0
+    return round(sum(r.get("seconds", 0) for r in io.read_jsonl(run.metrics)
+                     if r.get("event") == "segment_done"), 1)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--profile", default=str(ROOT / "configs/profiles/cpu-small.yaml"))
+    p.add_argument("--profile", default=str(ROOT / "configs/profiles/cpu.yaml"))
     p.add_argument("--ipc", type=int, nargs="+")
-    p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--methods", nargs="+", choices=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--repeats", type=int)
     p.add_argument("--holdout", action="store_true", help="test on held-out training images")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tag", default="")
     p.add_argument("--no-full-data", action="store_true")
+    p.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     a = p.parse_args()
 
-    base_cfg, bench = load_profile(a.profile, a.set, a.holdout)
+    base, bench = load_profile(a.profile, a.set, a.holdout)
     profile = Path(a.profile).stem
     name = profile + ("-holdout" if a.holdout else "") + (f"-{a.tag}" if a.tag else "")
     ipcs = a.ipc or bench.get("ipcs", [10, 50, 100])
-    methods = a.methods or bench.get("methods", list(METHODS))
-    repeats = a.repeats or base_cfg.eval.repeats
+    methods = a.methods or bench.get("methods", list(CONTENDERS))
+    seeds = a.seeds or bench.get("seeds", [base.seed])
+    repeats = a.repeats or base.eval.repeats
     runs_root = ROOT / "runs" / "accuracy" / name
-    ds = dataset_from_config(base_cfg.data)
-    print(f"{name}: {ds.name}, {len(ds.train_labels)} train / {len(ds.test_labels)} "
-          f"{'held-out' if a.holdout else 'test'} images; IPC {ipcs}; methods {methods}",
-          flush=True)
+    ds = dataset_from_config(base.data)
+    split = "held-out" if a.holdout else "test"
+    print(f"{name}: {ds.name}, {len(ds.train_labels)} train / {len(ds.test_labels)} {split} "
+          f"images; IPC {ipcs}; methods {methods}; seeds {seeds}", flush=True)
     t_start = time.perf_counter()
-    records = []
     results_path = RESULTS / f"accuracy-{name}.json"
+    header = {"profile": name, "split": split, "machine": machine(),
+              "reported": "last-epoch accuracy, mean +- std over evaluation repeats; equal "
+                          "epochs (IDC's convention)"}
+    if a.report:
+        return report(results_path, name, split, ipcs, methods, a.holdout and not a.tag, profile)
 
-    # the full-data network: easy/hard selection and the horizontal line of the plot
     full = None
-    need_full = any(m in ("easy", "hard") for m in methods) or not a.no_full_data
-    full_epochs = bench.get("full_data_epochs", base_cfg.eval.epochs)
-    if need_full:
-        full_path = runs_root / "full-data-model.pt"
-        from dasm.config import resolve
-        cfg_full = resolve(base_cfg, ds.name, ds.image_size, torch.cuda.is_available())
+    if any(m in ("easy", "hard") for m in methods) or not a.no_full_data:
+        full, rec = full_data(base, ds, runs_root, bench.get("full_data_epochs", base.eval.epochs))
+        merge(results_path, header, rec)
+        print(f"full-data network ({rec['epochs']} epochs): {rec['mean'] * 100:.2f}%", flush=True)
+
+    for ipc in ipcs:
+        for seed in (seeds if ipc >= 50 else seeds[:1]):
+            for method in methods:
+                cfg = run_config(base, method, ipc, seed)
+                resolved = resolve(cfg.replace(**({"synthetic.factor": 1, "dasm.segments": 1}
+                                                  if METHODS[method] is None else {})),
+                                   ds.name, ds.image_size, torch.cuda.is_available())
+                # distilled runs are named by what defines them, so equal configs share a run
+                kind = "distill" if METHODS[method] is not None else method
+                run = RunDir(runs_root / f"{kind}-ipc{ipc}-seed{seed}-{resolved.identity()}")
+                if not run.synthetic.exists():
+                    resume = run.config.exists()
+                    if METHODS[method] is None:
+                        if resume:  # a baseline killed before its set was written: redo it
+                            import shutil
+                            shutil.rmtree(run.path)
+                        baselines.run_baseline(method, cfg, run.path, dataset=ds,
+                                               reference_model=full)
+                    else:
+                        distill(cfg, run.path, resume=resume, dataset=ds)
+                s = evaluation(run, ds, repeats)
+                rec = {"method": method, "ipc": ipc, "seed": seed, "budget": budget_of(method),
+                       "accuracies": s["accuracies"], "mean": s["mean"], "std": s["std"],
+                       "distill_seconds": distill_seconds(run), "eval_seconds": s["seconds"],
+                       "segments": s["segments"], "train_images": s["train_images"],
+                       "epochs": s["epochs"], "config_identity": resolved.identity(),
+                       "run_dir": str(run.path.relative_to(ROOT))}
+                merge(results_path, header, rec)
+                print(f"  ipc {ipc:4d} seed {seed} {method:15s} {rec['mean'] * 100:6.2f} +- "
+                      f"{rec['std'] * 100:.2f}  (distill {rec['distill_seconds']:.0f} s, eval "
+                      f"{rec['eval_seconds']:.0f} s)", flush=True)
+    report(results_path, name, split, ipcs, methods, a.holdout and not a.tag, profile)
+    print(f"sweep wall time {(time.perf_counter() - t_start) / 60:.1f} min -> {results_path}")
+
+
+def merge(path: Path, header: dict, record: dict) -> None:
+    """Put ``record`` into the results file, replacing the one of the same method, IPC, seed
+    and budget; under a lock, so that sweeps run side by side do not lose each other's runs."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        key = lambda r: (r["method"], r["ipc"], r.get("seed"), r.get("budget"))  # noqa: E731
+        runs = [r for r in data.get("runs", []) if key(r) != key(record)] + [record]
+        runs.sort(key=lambda r: (r["ipc"] or 0, r["method"], r.get("seed") or 0))
+        io.write_json(path, {**header, "runs": runs})
+
+
+def report(path: Path, name: str, split: str, ipcs, methods, ablation: bool, profile: str):
+    """The markdown table and the plot of every run in the results file."""
+    records = json.loads(path.read_text())["runs"]
+    present = {r["method"] for r in records}
+    methods = [m for m in METHODS if m in present and (m in methods or m in CONTENDERS)]
+    ipcs = sorted({r["ipc"] for r in records if r["ipc"] is not None} & set(ipcs)) or ipcs
+    md = markdown(records, ipcs, methods, split)
+    io.write_text(RESULTS / f"accuracy-{name}.md", md)
+    if ablation:
+        io.write_text(RESULTS / f"ablation-{profile}.md", md)
+    plot(records, ipcs, methods, RESULTS / f"accuracy-{name}.png", f"{name} ({split} split)")
+    print(md)
+
+
+def full_data(base, ds, runs_root: Path, epochs: int):
+    """The evaluation network trained on the whole training set (cached), and its record."""
+    cfg = resolve(base, ds.name, ds.image_size, torch.cuda.is_available())
+    path = runs_root / f"full-data-model-{epochs}ep-{cfg.identity()}.pt"
+    t0 = time.perf_counter()
+    if path.exists():
         from dasm.models import build_model
         from dasm.train import eval_model_spec
-        nm, opts = eval_model_spec(cfg_full)
-        t0 = time.perf_counter()
-        if full_path.exists():
-            full = build_model(nm, ds.channels, ds.num_classes, ds.image_size,
-                               generator=torch.Generator(), device=cfg_full.device, **opts)
-            full.load_state_dict(torch.load(full_path, weights_only=True))
-        else:
-            full = baselines.full_data_model(cfg_full, ds, full_epochs, progress=True)
-            io.torch_save(full.state_dict(), full_path)
-        mean, std = ds.mean_std(cfg_full.device)
-        full_acc = accuracy(full, ds.test_images, ds.test_labels, mean, std)
-        records.append({"method": "full-data", "ipc": None, "epochs": full_epochs,
-                        "accuracies": [full_acc], "mean": full_acc, "std": 0.0,
-                        "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"full-data network ({full_epochs} epochs): {full_acc * 100:.2f}%", flush=True)
 
-    for ipc in ipcs:
-        for method in methods:
-            cfg = base_cfg.replace(**{"synthetic.ipc": ipc})
-            out = runs_root / f"{method}-ipc{ipc}"
-            if method in DISTILLED:
-                cfg = cfg.replace(**DISTILLED[method])
-                sset, t_make = ensure_run(out, lambda resume: distill(cfg, out, resume=resume,
-                                                                      dataset=ds))
-            else:
-                def make(resume, method=method, cfg=cfg):
-                    return baselines.run_baseline(method, cfg, out, dataset=ds,
-                                                  reference_model=full)
-                sset, t_make = ensure_run(out, make)
-            t0 = time.perf_counter()
-            summary = api.evaluate(out, repeats=repeats, dataset=ds, progress=False)
-            rec = {"method": method, "ipc": ipc, "seed": cfg.seed, "factor": sset.factor,
-                   "segments": sset.segment_sizes, "train_images": summary["train_images"],
-                   "epochs": summary["epochs"], "accuracies": summary["accuracies"],
-                   "mean": summary["mean"], "std": summary["std"],
-                   "distill_seconds": round(t_make, 1),
-                   "eval_seconds": round(time.perf_counter() - t0, 1),
-                   "config_digest": RunDir(out).load_config().digest(), "run_dir": str(out)}
-            records.append(rec)
-            print(f"  ipc {ipc:4d} {method:15s} {rec['mean'] * 100:6.2f} +- "
-                  f"{rec['std'] * 100:.2f}  (distill {t_make:.0f} s, eval "
-                  f"{rec['eval_seconds']:.0f} s)", flush=True)
-            io.write_json(results_path, {"profile": name, "machine": machine(),
-                                         "runs": records, "partial": True})
-    wall = time.perf_counter() - t_start
-    payload = {"profile": name, "machine": machine(), "holdout": a.holdout,
-               "reported": "last-epoch test accuracy, mean +- std over evaluation repeats; "
-                           "equal epochs (IDC's convention)",
-               "wall_seconds": round(wall, 1), "runs": records}
-    io.write_json(results_path, payload)
-    md = markdown(records, ipcs, methods)
-    io.write_text(RESULTS / f"accuracy-{name}.md", md)
-    plot(records, ipcs, methods, RESULTS / f"accuracy-{name}.png", name)
-    print(md)
-    print(f"sweep wall time {wall / 60:.1f} min -> {results_path}")
+        nm, opts = eval_model_spec(cfg)
+        model = build_model(nm, ds.channels, ds.num_classes, ds.image_size,
+                            generator=torch.Generator(), device=cfg.device, **opts)
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        model = baselines.full_data_model(cfg, ds, epochs, progress=True)
+        io.torch_save(model.state_dict(), path)
+    mean, std = ds.mean_std(cfg.device)
+    acc = accuracy(model, ds.test_images, ds.test_labels, mean, std)
+    return model, {"method": "full-data", "ipc": None, "seed": cfg.seed, "budget": None,
+                   "epochs": epochs, "accuracies": [acc], "mean": acc, "std": 0.0,
+                   "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def markdown(records, ipcs, methods) -> str:
-    by = {(r["method"], r["ipc"]): r for r in records}
+# ----------------------------------------------------------------------------- reports
+def pooled(records, method, ipc):
+    """All accuracies of ``method`` at ``ipc`` over seeds and repeats, and the seeds."""
+    rs = [r for r in records if r["method"] == method and r["ipc"] == ipc]
+    return [x for r in rs for x in r["accuracies"]], [r["seed"] for r in rs]
+
+
+def paired(records, ipc, a="dasm", b="idc"):
+    """Per-seed differences ``a - b`` of the mean accuracies (points), seeds present in both."""
+    by = {(r["method"], r["seed"]): r["mean"] for r in records if r["ipc"] == ipc}
+    return [(by[(a, s)] - by[(b, s)]) * 100 for (m, s) in by if m == a and (b, s) in by]
+
+
+def _mean_std(values):
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def markdown(records, ipcs, methods, split) -> str:
+    cols = ["method", "budget"] + [f"IPC {i}" for i in ipcs]
     rows = []
     for method in methods:
-        row = {"method": method}
+        row = {"method": method, "budget": budget_of(method) if METHODS[method] else "-"}
         for ipc in ipcs:
-            r = by.get((method, ipc))
-            row[f"IPC {ipc}"] = f"{r['mean'] * 100:.2f} ± {r['std'] * 100:.2f}" if r else ""
+            accs, seeds = pooled(records, method, ipc)
+            ms = _mean_std([x * 100 for x in accs])
+            row[f"IPC {ipc}"] = f"{ms[0]:.2f} ± {ms[1]:.2f} ({len(seeds)}×{len(accs) // max(len(seeds), 1)})" \
+                if ms else ""
         rows.append(row)
-    gap = {"method": "dasm − idc"}
-    for ipc in ipcs:
-        d, i = by.get(("dasm", ipc)), by.get(("idc", ipc))
-        gap[f"IPC {ipc}"] = f"{(d['mean'] - i['mean']) * 100:+.2f}" if d and i else ""
-    rows.append(gap)
-    full = by.get(("full-data", None))
-    text = table(rows, ["method"] + [f"IPC {i}" for i in ipcs])
+    for other, label in [(m, m) for m in methods if m not in ("dasm", "random", "easy", "hard")]:
+        row = {"method": f"dasm − {label}", "budget": "paired"}
+        for ipc in ipcs:
+            d = _mean_std(paired(records, ipc, "dasm", other))
+            row[f"IPC {ipc}"] = f"{d[0]:+.2f} ± {d[1]:.2f} (n={len(paired(records, ipc, 'dasm', other))})" \
+                if d else ""
+        rows.append(row)
+    text = table(rows, cols)
+    text += (f"\n\n{split} accuracy (%), last epoch, mean ± std over (seeds × evaluation repeats); "
+             f"'dasm − X' rows: per-seed paired difference of the means, mean ± std over seeds.")
+    full = [r for r in records if r["method"] == "full-data"]
     if full:
-        text += f"\n\nfull training set, same network ({full['epochs']} epochs): " \
-                f"{full['mean'] * 100:.2f}%"
+        text += f"\nFull training set, same network ({full[0]['epochs']} epochs): " \
+                f"{full[0]['mean'] * 100:.2f}%."
     return text + "\n"
 
 
@@ -184,25 +289,42 @@ def plot(records, ipcs, methods, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    for method in methods:
-        pts = sorted((r["ipc"], r["mean"] * 100, r["std"] * 100) for r in records
-                     if r["method"] == method and r["ipc"] is not None)
+    main = [m for m in methods if m not in ("easy", "hard")]
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120,
+                                 gridspec_kw={"width_ratios": [3, 2]})
+    for method in main:
+        pts = []
+        for ipc in ipcs:
+            ms = _mean_std([x * 100 for x in pooled(records, method, ipc)[0]])
+            if ms:
+                pts.append((ipc, *ms))
         if pts:
             x, y, e = zip(*pts)
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method,
+                        lw=2.2 if method == "dasm" else 1.2)
     full = [r for r in records if r["method"] == "full-data"]
     if full:
         ax.axhline(full[0]["mean"] * 100, color="k", ls="--", lw=1,
                    label=f"full data ({full[0]['mean'] * 100:.1f}%)")
-    ax.set_xscale("log")
-    ax.set_xticks(ipcs)
-    ax.set_xticklabels([str(i) for i in ipcs])
-    ax.set_xlabel("images per class (IPC)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for other, style in (("idc", "o-"), ("idc-compute", "s--")):
+        pts = [(ipc, *_mean_std(paired(records, ipc, "dasm", other))) for ipc in ipcs
+               if paired(records, ipc, "dasm", other)]
+        if pts:
+            x, y, e = zip(*pts)
+            dx.errorbar(x, y, yerr=e, fmt=style, capsize=3,
+                        label=f"dasm − {other} ({'equal compute' if other != 'idc' else 'equal steps'})")
+    dx.axhline(0, color="k", lw=0.8)
+    for a_ in (ax, dx):
+        a_.set_xscale("log")
+        a_.set_xticks(ipcs)
+        a_.set_xticklabels([str(i) for i in ipcs])
+        a_.set_xlabel("images per class (IPC)")
+        a_.grid(alpha=0.3)
+        a_.legend(fontsize=7)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    dx.set_ylabel("paired difference (points), mean ± std over seeds")
+    dx.set_title("dasm − idc per distillation seed", fontsize=9)
     fig.tight_layout()
     io.write_with(path, lambda p: fig.savefig(p, format="png"))
 

@@ -6,7 +6,6 @@ On a 2-core machine both runs have the same two cores (1 process x 2 threads, or
 1 thread), so this measures the overhead of sharding and all-reduce, not a speed-up: a real
 speed-up needs more devices or cores than one process can use.
 """
-import json
 import os
 import socket
 import subprocess

@@ -22,7 +22,8 @@ ALLOCATOR = os.environ.get("DASM_BENCH_ALLOCATOR", "default")
 if ALLOCATOR == "tuned":
     assert runtime.tune_cpu_allocator(), "could not tune the allocator"
 
-from dasm.config import load_config, resolve  # noqa: E402
+from dasm.config import load_config  # noqa: E402
+from dasm.rules import resolve  # noqa: E402
 from dasm.data import load_dataset  # noqa: E402
 from dasm.matching import Matcher  # noqa: E402
 from dasm.synthetic import init_mix  # noqa: E402
@@ -56,7 +57,7 @@ def setup():
     draws = m.draw(ds.class_index(), IPC, 0)
     mean, std = ds.mean_std()
     base = BaselineLoop(IDCConvNet(1, 10, WIDTH).load_from(model), ds.train_images, mean, std,
-                        FACTOR, m.s.metric, m.s.lr_img, m.s.mom_img)
+                        FACTOR, m.m.metric, m.m.lr_img, m.m.mom_img)
     yield dict(ds=ds, m=m, model=model, images=images, momentum=momentum, draws=draws, base=base)
     report()
 

@@ -109,8 +109,8 @@ def bench_grad_distance(bw, rows, classes=10):
 
 
 def bench_decode_augment(bw, rows, stored_n=2048, factor=2, size=28):
-    from dasm import augment, ops
-    from dasm.augment import Strategy
+    from dasm import dsa, ops
+    from dasm.dsa import Strategy
     from dasm.kernels import decode_augment as kda
 
     g = torch.Generator().manual_seed(0)
@@ -119,7 +119,7 @@ def bench_decode_augment(bw, rows, stored_n=2048, factor=2, size=28):
     mean, std = torch.tensor([0.2861], device="cuda"), torch.tensor([0.353], device="cuda")
     ref = ops.reference("decode_augment")
     for strategy in ("color_crop_cutout", "color_crop_cutout_flip_scale_rotate"):
-        p = augment.draw(Strategy.parse(strategy), M, (size, size), g).to("cuda")
+        p = dsa.draw(Strategy.parse(strategy), M, (size, size), g).to("cuda")
         comp = compiled(lambda x: ref(x, factor, None, p, mean, std))
         impl = {"eager": lambda: ref(stored, factor, None, p, mean, std),
                 "compile": (lambda: comp(stored)) if comp else None,
@@ -135,7 +135,8 @@ def bench_decode_augment(bw, rows, stored_n=2048, factor=2, size=28):
 
 def bench_matching_step(rows, ipc=50, width=128, steps=5):
     from dasm import ops
-    from dasm.config import load_config, resolve
+    from dasm.config import load_config
+    from dasm.rules import resolve
     from dasm.data import load_dataset
     from dasm.matching import Matcher
 

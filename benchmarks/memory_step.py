@@ -15,7 +15,8 @@ import time
 import torch
 
 from dasm import runtime
-from dasm.config import load_config, resolve
+from dasm.config import load_config
+from dasm.rules import resolve
 from dasm.data import load_dataset
 from dasm.matching import Matcher
 

@@ -5,20 +5,15 @@
     sset = dasm.distill(cfg, "runs/demo")           # run directory with synthetic.safetensors
     print(dasm.evaluate("runs/demo")["mean"])       # last-epoch test accuracy
 """
-from importlib.metadata import PackageNotFoundError, version as _version
-
-try:
-    __version__ = _version("dasm")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.1.0"
+from .version import __version__
 
 from .api import evaluate, export, info, score  # noqa: E402
-from .baselines import run_baseline as baseline  # noqa: E402
+from .baselines import run_baseline  # noqa: E402
 from .config import Config, load_config  # noqa: E402
 from .data import Dataset, load_dataset  # noqa: E402
 from .errors import DasmError  # noqa: E402
 from .schedule import distill  # noqa: E402
 from .synthetic import SyntheticSet  # noqa: E402
 
-__all__ = ["Config", "DasmError", "Dataset", "SyntheticSet", "baseline", "distill", "evaluate",
-           "export", "info", "load_config", "load_dataset", "score", "__version__"]
+__all__ = ["Config", "DasmError", "Dataset", "SyntheticSet", "distill", "evaluate",
+           "export", "info", "load_config", "load_dataset", "run_baseline", "score", "__version__"]

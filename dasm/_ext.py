@@ -1,4 +1,5 @@
-"""Autograd wrappers of the extension's fused ConvNet block (``dasm._C.inrp_*``).
+"""The compiled extension ``dasm._C``: loading it, and the autograd wrappers of its fused
+ConvNet block (``inrp_*``). A leaf: :mod:`dasm.ops` dispatches to it.
 
 Two Functions make the block twice differentiable, which gradient matching needs (it
 backpropagates through the synthetic gradient):
@@ -9,15 +10,38 @@ backpropagates through the synthetic gradient):
 """
 from __future__ import annotations
 
+import importlib
+import os
+
 import torch
 
-from . import ops
+_module = None
+_error: str | None = None
+
+
+def ext():
+    """The compiled extension ``dasm._C`` or None (the reason is in :func:`ext_error`)."""
+    global _module, _error
+    if _module is None and _error is None:
+        if os.environ.get("DASM_NO_EXT") == "1":
+            _error = "disabled by DASM_NO_EXT=1"
+        else:
+            try:
+                _module = importlib.import_module("dasm._C")
+            except ImportError as e:
+                _error = f"dasm._C is not built or does not load ({e})"
+    return _module
+
+
+def ext_error() -> str | None:
+    ext()
+    return _error
 
 
 class _BlockBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, z, weight, bias, mean, rstd, pool):
-        gz, gw, gb = ops.ext().inrp_backward(g, z, mean, rstd, weight, bias, pool)
+        gz, gw, gb = ext().inrp_backward(g, z, mean, rstd, weight, bias, pool)
         ctx.save_for_backward(g, z, weight, bias, mean, rstd)
         ctx.pool = pool
         ctx.set_materialize_grads(False)
@@ -32,7 +56,7 @@ class _BlockBackward(torch.autograd.Function):
         if u is None:
             return (None,) * 7
         g, z, weight, bias, mean, rstd = ctx.saved_tensors
-        ug, uz, uw = ops.ext().inrp_double_backward(u, g, z, mean, rstd, weight, bias, ctx.pool)
+        ug, uz, uw = ext().inrp_double_backward(u, g, z, mean, rstd, weight, bias, ctx.pool)
         need = ctx.needs_input_grad
         return (ug if need[0] else None, uz if need[1] else None, uw if need[2] else None,
                 None, None, None, None)
@@ -41,7 +65,7 @@ class _BlockBackward(torch.autograd.Function):
 class _Block(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, weight, bias, pool, eps):
-        out, mean, rstd = ops.ext().inrp_forward(z, weight, bias, pool, eps)
+        out, mean, rstd = ext().inrp_forward(z, weight, bias, pool, eps)
         ctx.save_for_backward(z, weight, bias, mean, rstd)
         ctx.pool = pool
         return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import tempfile
@@ -14,10 +15,10 @@ from .config import Config
 from .data import Dataset, dataset_from_config
 from .errors import DasmError, RunDirError
 from .models import build_model
-from .schedule import RunDir
+from .rundir import RunDir
 from .scoring import score_dataset
 from .synthetic import SyntheticSet
-from .train import TrainSettings, equal_step_epochs, eval_model_spec, evaluate_images, train_model
+from .train import TrainSettings, equal_step_epochs, eval_model_spec, evaluate_images, train_new
 
 
 def _load_run(run_dir: str | Path, dataset: Dataset | None = None):
@@ -119,7 +120,7 @@ def info(run_dir: str | Path) -> dict:
     cfg = run.load_config()
     out = {"path": str(run.path), "dataset": cfg.data.name, "ipc": cfg.synthetic.ipc,
            "factor": cfg.synthetic.factor, "segments": cfg.dasm.segments, "seed": cfg.seed,
-           "config_digest": cfg.digest(), "segments_done": run.last_checkpoint(),
+           "config_identity": cfg.identity(), "segments_done": run.last_checkpoint(),
            "files": sorted(p.name for p in run.path.iterdir()),
            "backends": ops.backend_table("cpu")}
     if run.synthetic.exists():
@@ -140,7 +141,7 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     evaluation protocol (and saved as ``model.pt``). Written to ``out`` (safetensors)."""
     from safetensors.torch import save_file
 
-    from .config import resolve
+    from .rules import resolve
 
     ds = dataset_from_config(cfg.data)
     cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available())
@@ -148,22 +149,21 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     progress = cfg.runtime.progress if progress is None else progress
     device = torch.device(cfg.device)
     src = RunDir(model_from)
-    name, opts = eval_model_spec(cfg)
+    name, opts = spec = eval_model_spec(cfg)
     g = rng.generator(cfg.seed, "score")
-    model = build_model(name, ds.channels, ds.num_classes, ds.image_size, generator=g,
-                        device=device, **opts)
     ckpt = src.path / "model.pt"
     if ckpt.exists():
+        model = build_model(name, ds.channels, ds.num_classes, ds.image_size, generator=g,
+                            device=device, **opts)
         try:
             model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
-        except (RuntimeError, OSError) as e:
-            raise RunDirError(f"{ckpt} does not fit model {name} on {ds.name}: {e}") from None
+        except (RuntimeError, OSError, pickle.UnpicklingError) as e:
+            raise RunDirError(f"{ckpt} does not fit model {name} on {ds.name}: "
+                              f"{str(e).splitlines()[0][:160]}") from None
     else:
-        sset = SyntheticSet.load(src.synthetic)
-        x, y = sset.decoded()
-        mean, std = ds.mean_std(device)
-        train_model(model, x, y, TrainSettings.from_eval(cfg.eval, epochs), mean, std, g, progress,
-                    desc="scorer")
+        x, y = SyntheticSet.load(src.synthetic).decoded()
+        model = train_new(spec, x, y, ds, TrainSettings.from_eval(cfg.eval, epochs), g, device,
+                          progress, desc="scorer")
         io.torch_save(model.state_dict(), ckpt)
     scores = score_dataset(model, ds)
     tensors = {**{k: v.contiguous() for k, v in scores.items()}, "labels": ds.train_labels.clone()}

@@ -15,13 +15,12 @@ import torch.nn as nn
 
 from . import rng
 from .config import Config
-from .data import Dataset, to_float
+from .data import Dataset, normalize, to_float
 from .distributed import context
 from .errors import ConfigError
-from .models import build_model
 from .scoring import score_dataset
 from .synthetic import SyntheticSet
-from .train import TrainSettings, eval_model_spec, train_model
+from .train import TrainSettings, eval_model_spec, train_new
 
 METHODS = ("random", "easy", "hard", "herding")
 
@@ -40,15 +39,9 @@ def random_picks(ds: Dataset, ipc: int, generator: torch.Generator) -> list[torc
 def full_data_model(cfg: Config, ds: Dataset, epochs: int | None = None,
                     progress: bool = False) -> nn.Module:
     """The evaluation network trained on the whole training set (evaluation protocol)."""
-    device = torch.device(cfg.device)
-    g = rng.generator(cfg.seed, "full-data")
-    name, opts = eval_model_spec(cfg)
-    model = build_model(name, ds.channels, ds.num_classes, ds.image_size, generator=g,
-                        device=device, **opts)
-    mean, std = ds.mean_std(device)
-    return train_model(model, ds.train_images, ds.train_labels,
-                       TrainSettings.from_eval(cfg.eval, epochs), mean, std, g, progress,
-                       desc="full data", data_parallel=True)
+    return train_new(eval_model_spec(cfg), ds.train_images, ds.train_labels, ds,
+                     TrainSettings.from_eval(cfg.eval, epochs), rng.generator(cfg.seed, "full-data"),
+                     cfg.device, progress, desc="full data", data_parallel=True)
 
 
 def loss_picks(ds: Dataset, ipc: int, model: nn.Module, hardest: bool) -> list[torch.Tensor]:
@@ -72,7 +65,7 @@ def herding_picks(ds: Dataset, ipc: int, model: nn.Module) -> list[torch.Tensor]
         feats = []
         for lo in range(0, len(idx), 1000):
             x = to_float(ds.train_images[idx[lo:lo + 1000]].to(device))
-            feats.append(model.embed((x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).float())
+            feats.append(model.embed(normalize(x, mean, std)).float())
         phi = torch.cat(feats)
         mu = phi.mean(0)
         chosen, running = [], torch.zeros_like(mu)
@@ -89,7 +82,7 @@ def herding_picks(ds: Dataset, ipc: int, model: nn.Module) -> list[torch.Tensor]
     return picks
 
 
-def baseline(method: str, cfg: Config, ds: Dataset, reference_model: nn.Module | None = None,
+def select_subset(method: str, cfg: Config, ds: Dataset, reference_model: nn.Module | None = None,
              epochs: int | None = None, progress: bool = False) -> SyntheticSet:
     """The ``method`` subset at ``cfg.synthetic.ipc``; ``reference_model``: a full-data network
     (trained here when needed and not given)."""
@@ -111,14 +104,14 @@ def baseline(method: str, cfg: Config, ds: Dataset, reference_model: nn.Module |
 def run_baseline(method: str, cfg: Config, out: str | Path, dataset: Dataset | None = None,
                  reference_model: nn.Module | None = None, epochs: int | None = None,
                  progress: bool | None = None) -> SyntheticSet:
-    """``baseline`` written as a run directory (config.yaml, synthetic.safetensors, grid)."""
-    from .schedule import prepare_run
+    """:func:`select_subset` written as a run directory (config.yaml, synthetic.safetensors, grid)."""
+    from .rundir import prepare
     from .synthetic import save_grid
 
     cfg = cfg.replace(**{"synthetic.factor": 1, "dasm.segments": 1})  # real images, one segment
-    cfg, ds, run = prepare_run(cfg, out, resume=False, dataset=dataset, kind=f"baseline-{method}")
+    cfg, ds, run = prepare(cfg, out, resume=False, dataset=dataset, kind=f"baseline-{method}")
     progress = cfg.runtime.progress if progress is None else progress
-    sset = baseline(method, cfg, ds, reference_model, epochs, progress)
+    sset = select_subset(method, cfg, ds, reference_model, epochs, progress)
     if context().is_main:
         sset.save(run.synthetic)
         save_grid(sset.images, run.grid(1))

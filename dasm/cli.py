@@ -114,9 +114,9 @@ def run(argv: list[str] | None = None) -> int:
         print(f"distilled {sset.num_classes} x {sset.ipc} images (factor {sset.factor}, segments "
               f"{sset.segment_sizes}) -> {args.out}/synthetic.safetensors")
     elif args.command == "evaluate":
-        from .config import _parse_override
+        from .config import parse_overrides
 
-        overrides = dict(_parse_override(o) for o in args.set)
+        overrides = parse_overrides(args.set)
         if args.no_progress:
             overrides["runtime.progress"] = False
         summary = api.evaluate(args.dir, args.model, args.epochs, args.repeats, args.full_data,

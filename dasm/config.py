@@ -1,8 +1,8 @@
 """One dataclass tree for every run: loaded from YAML, overridden by ``--set key=value``,
 validated up front (a bad value is one :class:`ConfigError` naming the key), saved resolved.
 
-``"auto"`` values are filled by :func:`resolve` once the dataset is known (IDC's per-dataset
-defaults), so the ``config.yaml`` of a run directory holds only concrete values.
+``"auto"`` values are filled by :func:`dasm.rules.resolve` once the dataset is known (IDC's
+rules), so the ``config.yaml`` of a run directory holds only concrete values.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from typing import Any, List, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import ConfigError
+from .plan import AUTO
 
-AUTO = "auto"
 
 
 def _choice(default, *choices):
@@ -86,14 +86,17 @@ class MatchConfig:
 
 @dataclass
 class DasmConfig:
-    segments: Union[int, str, List[int]] = AUTO  # auto: max(1, ipc // 10); or K; or ipc per segment
+    segments: Union[int, str, List[int]] = AUTO  # auto: 1 below IPC 20, else 2 halves; K; a list
     score: str = _choice("loss", "loss", "el2n", "margin")
-    easy_drop: Union[float, List[float]] = 0.3  # fraction of easiest ranks left out (k >= 2)
-    hard_drop: Union[float, List[float]] = 0.05  # fraction of hardest ranks left out (k >= 2)
+    easy_drop: Union[float, List[float]] = 0.5  # easiest ranks left out by the last segment
+    hard_drop: Union[float, List[float]] = 0.02  # hardest ranks (outliers) left out, k >= 2
     schedule: str = _choice("linear", "linear", "constant")  # how easy_drop grows over k
     scorer_epochs: int = 300
+    match_init: str = _choice("scorer", "scorer", "fresh")  # matching networks of k >= 2
+    warm_starts: int = 4  # scorer snapshots (evenly spaced epochs) the outer iterations cycle
+    step_parity: bool = True  # lr_img / trainable share: each image moves as far as in IDC
+    iterations: Union[int, str, List[int]] = AUTO  # outer iterations per segment; auto: match's
     net_data: str = _choice("full", "full", "pool")  # real data of the matching network's updates
-    frozen_lr_compensation: bool = False  # lr_img / (trainable share of the synthetic batch)
 
 
 @dataclass
@@ -146,14 +149,36 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def digest(self, exclude: tuple[str, ...] = ("runtime",)) -> str:
-        """Stable 12-hex hash of the config (without the sections in ``exclude``)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in exclude}
+    def identity(self) -> str:
+        """Stable 12-hex hash of what defines a run's result: every section but ``runtime`` and
+        ``dist`` (threads, progress bars, timeouts do not change the synthetic set). One hash
+        serves to refuse a foreign run directory and to accept a checkpoint."""
+        d = {k: v for k, v in self.to_dict().items() if k not in IDENTITY_EXCLUDES}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def differences(self, other: "Config") -> list[str]:
+        """Dotted keys where two configs differ in their identity sections."""
+        fa, fb = _flat(self.to_dict()), _flat(other.to_dict())
+        skip = tuple(s + "." for s in IDENTITY_EXCLUDES)
+        keys = {k for k in fa.keys() | fb.keys() if not k.startswith(skip)}
+        return sorted(k for k in keys if fa.get(k) != fb.get(k))
 
     def replace(self, **overrides: Any) -> "Config":
         """A copy with dotted-key overrides applied and validated."""
-        return from_dict(_apply_overrides(self.to_dict(), overrides))
+        return from_dict(with_overrides(self.to_dict(), overrides))
+
+
+IDENTITY_EXCLUDES = ("runtime", "dist")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 # ---------------------------------------------------------------------- loading
@@ -238,7 +263,8 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", value)`` with the value read as YAML."""
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
@@ -250,7 +276,13 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``--set`` items -> ``{dotted key: value}`` (later items win)."""
+    return dict(parse_override(o) for o in items or [])
+
+
+def with_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """A deep copy of the config mapping ``data`` with dotted-key ``overrides`` applied."""
     data = copy.deepcopy(data)
     for key, value in overrides.items():
         node = data
@@ -284,8 +316,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
     merged = dict(extra or {})
-    merged.update(dict(_parse_override(o) for o in overrides or []))
-    return from_dict(_apply_overrides(data, merged))
+    merged.update(parse_overrides(overrides))
+    return from_dict(with_overrides(data, merged))
 
 
 # ------------------------------------------------------------------- validation
@@ -342,6 +374,11 @@ def validate(cfg: Config) -> None:
     _fraction_list(d.easy_drop, "dasm.easy_drop")
     _fraction_list(d.hard_drop, "dasm.hard_drop")
     _positive(d.scorer_epochs, "dasm.scorer_epochs")
+    _positive(d.warm_starts, "dasm.warm_starts")
+    its = d.iterations if isinstance(d.iterations, list) else [d.iterations]
+    if not its or any(i != AUTO if isinstance(i, str) else i < 1 for i in its):
+        raise ConfigError(f"config key 'dasm.iterations' must be 'auto', a positive integer or a "
+                          f"list of them, got {d.iterations!r}")
     e = cfg.eval
     _positive(e.epochs, "eval.epochs")
     _positive(e.batch, "eval.batch")
@@ -354,106 +391,3 @@ def validate(cfg: Config) -> None:
         _positive(getattr(dc, key), f"data.{key}", allow_zero=True)
     _positive(cfg.runtime.threads, "runtime.threads", allow_zero=True)
     _positive(cfg.dist.timeout_s, "dist.timeout_s")
-
-
-def segment_sizes(cfg: Config) -> list[int]:
-    """IPC of each DASM segment. Raises ConfigError when they do not add up to ``ipc``."""
-    ipc, seg = cfg.synthetic.ipc, cfg.dasm.segments
-    if seg == AUTO:
-        seg = max(1, ipc // 10)
-    if isinstance(seg, int):
-        if ipc % seg:
-            raise ConfigError(f"config key 'dasm.segments': {seg} segments do not divide "
-                              f"synthetic.ipc={ipc}")
-        return [ipc // seg] * seg
-    if sum(seg) != ipc:
-        raise ConfigError(f"config key 'dasm.segments': per-segment IPCs {seg} sum to {sum(seg)}, "
-                          f"not synthetic.ipc={ipc}")
-    return list(seg)
-
-
-def window_for(cfg: Config, k: int, num_segments: int) -> tuple[float, float]:
-    """(easy_drop, hard_drop) of segment ``k`` (0-based). Segment 0 always uses the full pool."""
-    d = cfg.dasm
-
-    def pick(value, key, ramp):
-        if isinstance(value, list):
-            if len(value) != num_segments:
-                raise ConfigError(f"config key 'dasm.{key}' lists {len(value)} values for "
-                                  f"{num_segments} segments")
-            return value[k]
-        if k == 0:
-            return 0.0
-        if ramp and d.schedule == "linear" and num_segments > 1:
-            return value * k / (num_segments - 1)
-        return value
-
-    easy, hard = pick(d.easy_drop, "easy_drop", True), pick(d.hard_drop, "hard_drop", False)
-    if easy + hard >= 1.0:
-        raise ConfigError(f"config keys 'dasm.easy_drop' + 'dasm.hard_drop' leave no window at "
-                          f"segment {k + 1}: {easy} + {hard} >= 1")
-    return easy, hard
-
-
-# --------------------------------------------------------------------- resolution
-def resolve(cfg: Config, dataset_name: str, image_size: tuple[int, int], cuda: bool) -> Config:
-    """Fill every ``auto`` with IDC's per-dataset choice; the result is what a run saves.
-
-    metric: l1 for MNIST-likes, mse otherwise; lr_img: 1e-4 (MNIST-likes) or 5e-3, times
-    (ipc/10) x (size/base)^2, base 28 for MNIST and 32 otherwise, with ipc the largest segment's;
-    matching DSA: color_crop_cutout (siamese); network update: the same without cutout when
-    CutMix is on; evaluation: color_crop_cutout_flip_scale_rotate without cutout when CutMix is
-    on and without flip for digit sets and SVHN.
-    """
-    from .augment import Strategy
-    from .data import MNIST_LIKE, NO_FLIP
-
-    family = dataset_name.split(":", 1)[0]
-    mnist_like = family in MNIST_LIKE
-    d = cfg.to_dict()
-    if d["device"] == AUTO:
-        d["device"] = "cuda" if cuda else "cpu"
-    if d["device"] == "cuda" and not cuda:
-        raise ConfigError("config key 'device': cuda was asked for but no CUDA device is present")
-    m = d["match"]
-    if m["metric"] == AUTO:
-        m["metric"] = "l1" if mnist_like else "mse"
-    if m["lr_img"] == AUTO:
-        base = 1e-4 if mnist_like else 5e-3
-        size_base = 28 if family in ("mnist", "mnist5k") else 32
-        ipc = max(segment_sizes(cfg))
-        m["lr_img"] = base * (ipc / 10) * (image_size[0] / size_base) ** 2 * m["lr_img_scale"]
-    if m["augment"] == AUTO:
-        m["augment"] = "color_crop_cutout"
-    match_strategy = Strategy.parse(m["augment"], "match.augment")
-    if m["net_augment"] == AUTO:
-        net = match_strategy.without("cutout") if m["net_cutmix"] > 0 else match_strategy
-        m["net_augment"] = str(net)
-    Strategy.parse(m["net_augment"], "match.net_augment")
-    e = d["eval"]
-    if e["augment"] == AUTO:
-        st = Strategy.parse("color_crop_cutout_flip_scale_rotate")
-        if e["cutmix"] > 0:
-            st = st.without("cutout")
-        if family in NO_FLIP:
-            st = st.without("flip")
-        e["augment"] = str(st)
-    Strategy.parse(e["augment"], "eval.augment")
-    if d["dasm"]["segments"] == AUTO:
-        d["dasm"]["segments"] = len(segment_sizes(cfg))
-    return from_dict(d)
-
-
-def same_run(a: Config, b: Config) -> list[str]:
-    """Keys (dotted) where two resolved configs differ, ignoring runtime settings."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, prefix + k + "."))
-            else:
-                out[prefix + k] = v
-        return out
-    fa = {k: v for k, v in flat(a.to_dict()).items() if not k.startswith(("runtime.", "dist."))}
-    fb = {k: v for k, v in flat(b.to_dict()).items() if not k.startswith(("runtime.", "dist."))}
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))

@@ -64,11 +64,6 @@ class Dataset:
     def image_size(self) -> tuple[int, int]:
         return tuple(self.train_images.shape[-2:])
 
-    @property
-    def family(self) -> str:
-        """The registry name without an imagefolder path."""
-        return self.name.split(":", 1)[0]
-
     def class_index(self) -> list[torch.Tensor]:
         """Indices of the training images of each class, ``[n_c] int64`` each, ascending."""
         if self._class_index is None:
@@ -81,6 +76,11 @@ class Dataset:
         """``[ch]`` float32 tensors of the normalisation statistics."""
         return (torch.tensor(self.mean, dtype=torch.float32, device=device),
                 torch.tensor(self.std, dtype=torch.float32, device=device))
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` per channel: ``x [N, ch, H, W]``, ``mean``/``std`` ``[ch]``."""
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ coupling; batch norm is refused).
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,52 +37,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import augment, ops
-from .augment import Strategy
+from . import dsa as dsa_ops
+from . import ops
+from .dsa import Strategy
 from .data import Dataset, to_float
 from .distributed import context
 from .errors import ConfigError
+from .image_optim import ImageOptimizer, bcast
 from .models import build_model, model_options, model_skeleton
-from .train import mixed_loss
-
-
-# ------------------------------------------------------------------------------ settings
-@dataclass(frozen=True)
-class MatchSettings:
-    """Resolved numbers of a matching run (from ``Config.match`` after :func:`config.resolve`)."""
-
-    metric: str
-    lr_img: float
-    mom_img: float
-    image_update: str
-    batch_real: int
-    batch_syn: int
-    match_bias: bool
-    match_fc: bool
-    strategy: Strategy
-    net_strategy: Strategy
-    n_data: int
-    net_batch: int
-    net_lr: float
-    net_momentum: float
-    net_weight_decay: float
-    net_cutmix: float
-    engine: str
-    class_batching: str
-    class_chunk: int
-    memory_budget_mb: int
-    frozen_per_class: int
-    frozen_chunk: int
-
-    @classmethod
-    def from_config(cls, cfg) -> "MatchSettings":
-        m = cfg.match
-        return cls(m.metric, float(m.lr_img), m.mom_img, m.image_update, m.batch_real, m.batch_syn,
-                   m.match_bias, m.match_fc, Strategy.parse(m.augment, "match.augment"),
-                   Strategy.parse(m.net_augment, "match.net_augment"), m.n_data, m.net_batch,
-                   m.net_lr, m.net_momentum, m.net_weight_decay, m.net_cutmix, m.engine,
-                   m.class_batching, m.class_chunk, m.memory_budget_mb, m.frozen_per_class,
-                   m.frozen_chunk)
+from .train import network_optimizer, network_update
 
 
 def matched_parameters(model: nn.Module, bias: bool, fc: bool) -> list[str]:
@@ -98,25 +61,7 @@ class StepDraws:
     real: torch.Tensor  # [C, Br] indices into the dataset's training images
     syn: torch.Tensor  # [C, Bt] decoded indices into the class's trainable images
     frozen: torch.Tensor | None  # [C, Bf] decoded indices into the class's frozen images
-    dsa: augment.DSAParams  # [C] one siamese draw per class
-
-
-# --------------------------------------------------------------------- image optimiser
-def sequential_momentum_coefficients(C: int, mu: float):
-    """Closed form of IDC's per-class SGD steps on one image tensor (lr 1 here).
-
-    At class position ``c`` of a step, class ``c``'s images have already moved by the momentum
-    of positions ``0..c-1``; returns ``(pre, keep, carry, total)`` per class, ``[C]`` float64:
-    gradient taken at ``x - lr * pre * b``; afterwards ``b' = mu^C b + keep * g`` and
-    ``x' = x_pre - lr * total * (carry * b + g)``.
-    """
-    powers = [mu ** k for k in range(C + 1)]
-    upto = lambda hi: sum(powers[:hi + 1])  # noqa: E731  1 + mu + ... + mu^hi
-    pre = [upto(c) - 1 for c in range(C)]  # mu + ... + mu^c
-    keep = [powers[C - 1 - c] for c in range(C)]
-    carry = [powers[c + 1] for c in range(C)]
-    total = [upto(C - 1 - c) for c in range(C)]
-    return tuple(torch.tensor(v, dtype=torch.float64) for v in (pre, keep, carry, total))
+    dsa: dsa_ops.DSAParams  # [C] one siamese draw per class
 
 
 def check_engine(cfg) -> None:
@@ -126,18 +71,16 @@ def check_engine(cfg) -> None:
                           "the batched engine needs instance or no norm (or match.engine=loop)")
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
 # ------------------------------------------------------------------------------ matcher
 class Matcher:
-    """Distils one segment (see the module docstring). Inputs live on ``device``."""
+    """Distils one segment (see the module docstring). Inputs live on ``device``; ``cfg`` is a
+    resolved config (:func:`dasm.rules.resolve`) whose ``match`` section it reads."""
 
     def __init__(self, cfg, dataset: Dataset, device: torch.device, generator: torch.Generator,
                  log: Callable[[dict], None] | None = None, progress: bool = False):
-        self.cfg = cfg
-        self.s = MatchSettings.from_config(cfg)
+        self.cfg, self.m = cfg, cfg.match
+        self.strategy = Strategy.parse(self.m.augment, "match.augment")
+        self.net_strategy = Strategy.parse(self.m.net_augment, "match.net_augment")
         self.ds = dataset
         self.device = torch.device(device)
         self.gen = generator
@@ -151,18 +94,18 @@ class Matcher:
         check_engine(cfg)
         probe = model_skeleton(self.model_name, dataset.channels, self.C, dataset.image_size,
                                **self.model_opts)  # shapes only; the generator is not touched
-        self.matched = matched_parameters(probe, self.s.match_bias, self.s.match_fc)
+        self.matched = matched_parameters(probe, self.m.match_bias, self.m.match_fc)
         if not self.matched:
             raise ConfigError("no parameters to match (model has no conv weights and "
                               "match.match_bias/match_fc are off)")
         params = dict(probe.named_parameters())
         self.layout = ops.GradLayout.from_shapes(self.matched, [params[n].shape for n in self.matched])
-        self.lr_scale = 1.0  # set per segment by the scheduler (frozen-share compensation)
+        self.lr_scale = 1.0  # set per segment by the scheduler (step parity)
         self.ctx = context()
         self.own = torch.tensor(self.ctx.owned(self.C), dtype=torch.int64)  # this rank's classes
         self.own_mask = torch.zeros(self.C, dtype=torch.bool)
         self.own_mask[self.own] = True
-        self.class_batching = self.s.class_batching
+        self.class_batching = self.m.class_batching
         if self.class_batching == "auto":
             # measured: vmap is ~2x slower than per-class autograd on CPU; on GPU it batches launches
             self.class_batching = "vmap" if self.device.type == "cuda" else "sequential"
@@ -176,34 +119,44 @@ class Matcher:
 
     def _block_override(self):
         """The fused ext block does not run under vmap or second-order norm matching."""
-        if (self.class_batching == "vmap" and self.s.engine == "batched") or self.s.match_bias:
+        if (self.class_batching == "vmap" and self.m.engine == "batched") or self.m.match_bias:
             return ops.override(instance_norm_relu_pool="reference")
         return ops.override()
 
     # -------------------------------------------------------------------- draws
+    def sample_counts(self, n_train: int, n_frozen: int) -> tuple[int, int]:
+        """Decoded images per class in a step's synthetic batch: ``(trainable, frozen)``."""
+        f2 = self.factor ** 2
+        bt = min(self.m.batch_syn, n_train * f2)
+        bf = n_frozen * f2 if self.m.frozen_per_class == 0 else \
+            min(self.m.frozen_per_class, n_frozen * f2)
+        return bt, bf
+
+    def trainable_share(self, n_train: int, n_frozen: int) -> float:
+        """Share of trainable images in each class's synthetic batch (1 without frozen ones)."""
+        bt, bf = self.sample_counts(n_train, n_frozen)
+        return bt / (bt + bf)
+
     def draw(self, pools: list[torch.Tensor], n_train: int, n_frozen: int) -> StepDraws:
         """Real indices from each class's pool, synthetic and frozen selections, DSA draws."""
         C, g, f2 = self.C, self.gen, self.factor ** 2
-        br = min(self.s.batch_real, min(len(p) for p in pools))
+        br = min(self.m.batch_real, min(len(p) for p in pools))
         real = torch.stack([p[torch.randperm(len(p), generator=g)[:br]] for p in pools])
-        dt = n_train * f2
-        bt = min(self.s.batch_syn, dt)
-        syn = torch.stack([torch.randperm(dt, generator=g)[:bt] for _ in range(C)])
+        bt, bf = self.sample_counts(n_train, n_frozen)
+        syn = torch.stack([torch.randperm(n_train * f2, generator=g)[:bt] for _ in range(C)])
         frozen = None
         if n_frozen:
-            df = n_frozen * f2
-            bf = df if self.s.frozen_per_class == 0 else min(self.s.frozen_per_class, df)
-            frozen = torch.stack([torch.randperm(df, generator=g)[:bf] for _ in range(C)])
-        dsa = augment.draw(self.s.strategy, C, self.ds.image_size, g)
+            frozen = torch.stack([torch.randperm(n_frozen * f2, generator=g)[:bf] for _ in range(C)])
+        dsa = dsa_ops.draw(self.strategy, C, self.ds.image_size, g)
         return StepDraws(real, syn, frozen, dsa)
 
     # ------------------------------------------------------------------- inputs
-    def _real_batch(self, idx: torch.Tensor, dsa_rows: augment.DSAParams) -> torch.Tensor:
+    def _real_batch(self, idx: torch.Tensor, dsa_rows: dsa_ops.DSAParams) -> torch.Tensor:
         x = to_float(self.real_images[idx.to(self.device)])
         return ops.decode_augment(x, 1, None, dsa_rows, self.mean, self.std)
 
     def _decoded(self, stored: torch.Tensor, sel: torch.Tensor, classes: torch.Tensor,
-                 dsa: augment.DSAParams) -> torch.Tensor:
+                 dsa: dsa_ops.DSAParams) -> torch.Tensor:
         """Decoded + augmented images of ``classes`` from class-major ``stored [C, n, ...]``:
         ``sel [len(classes), B]`` -> ``[len(classes) * B, ch, H, W]`` (class-major)."""
         n = stored.shape[1]
@@ -212,7 +165,7 @@ class Matcher:
         return ops.decode_augment(flat, self.factor, (sel + base).reshape(-1).to(self.device),
                                   self._rows(dsa, classes, sel.shape[1]), self.mean, self.std)
 
-    def _rows(self, dsa: augment.DSAParams, classes: torch.Tensor, per_class: int):
+    def _rows(self, dsa: dsa_ops.DSAParams, classes: torch.Tensor, per_class: int):
         return dsa.index(torch.repeat_interleave(classes.cpu(), per_class))
 
     # ------------------------------------------------------------- gradients
@@ -254,15 +207,31 @@ class Matcher:
 
     def _chunk_classes(self, batch: int) -> int:
         """Classes per graph chunk: set, or chosen from ``memory_budget_mb``."""
-        if self.s.class_chunk:
-            return min(self.s.class_chunk, self.C)
+        if self.m.class_chunk:
+            return min(self.m.class_chunk, self.C)
         if self.device.type == "cpu":
             # measured (benchmarks/bench_matching_cpu.py): one class per graph is fastest on the
             # CPU; ten live graphs cost 1.8x in page faults and cache misses
             return 1
         per_image = sum(b.numel() for b in _activation_probe(self))  # floats per image per block
         per_class = batch * per_image * 4 * 12  # ~12 live copies through the double backward
-        return max(1, min(self.C, int(self.s.memory_budget_mb * 2 ** 20 // max(per_class, 1))))
+        return max(1, min(self.C, int(self.m.memory_budget_mb * 2 ** 20 // max(per_class, 1))))
+
+    @contextlib.contextmanager
+    def _matched_weights(self, model: nn.Module):
+        """The matched parameters (a list), with gradients off for every other parameter while
+        the block runs."""
+        named = dict(model.named_parameters())
+        for p in named.values():
+            p.requires_grad_(False)
+        weights = [named[n] for n in self.matched]
+        for w in weights:
+            w.requires_grad_(True)
+        try:
+            yield weights
+        finally:
+            for p in named.values():
+                p.requires_grad_(True)
 
     # ------------------------------------------------------------------- steps
     def step(self, model: nn.Module, draws: StepDraws, images: torch.Tensor,
@@ -272,180 +241,97 @@ class Matcher:
         images: ``[C, n, ch, H, W]`` current trainable segment; momentum: same shape;
         frozen: ``[C, n_f, ch, H, W]`` or None. Returns ``(images, momentum, loss [C])``.
         """
-        if self.s.engine == "loop":
-            return self._step_loop(model, draws, images, momentum, frozen)
+        if self.m.engine == "loop":
+            from .loop_engine import step_loop
+
+            return step_loop(self, model, draws, images, momentum, frozen)
         return self._step_batched(model, draws, images, momentum, frozen)
 
-    def _step_loop(self, model, draws, images, momentum, frozen):
-        """IDC's literal loop: per class, frozen images join the synthetic batch (as constants)."""
-        C = self.C
-        leaf = images.detach().clone().requires_grad_(True)
-        opt = torch.optim.SGD([leaf], lr=self.s.lr_img * self.lr_scale, momentum=self.s.mom_img)
-        if self.s.mom_img > 0:
-            opt.state[leaf]["momentum_buffer"] = momentum.detach().clone()
-        weights = [dict(model.named_parameters())[n] for n in self.matched]
-        losses = []
-        joint = self.s.image_update == "joint"
-        total = 0
-        with self._block_override():
-            for c in range(C):
-                if not self.ctx.owns(c):  # another rank's class: IDC's momentum-only step here
-                    losses.append(torch.zeros((), device=self.device))
-                    if not joint:
-                        leaf.grad = torch.zeros_like(leaf)
-                        opt.step()
-                    continue
-                cls = torch.tensor([c])
-                xr = self._real_batch(draws.real[c], self._rows(draws.dsa, cls, draws.real.shape[1]))
-                gr = self._class_grad(model, weights, xr, c, create_graph=False)
-                xs = self._decoded(leaf, draws.syn[c:c + 1], cls, draws.dsa)
-                if draws.frozen is not None:
-                    xf = self._decoded(frozen, draws.frozen[c:c + 1], cls, draws.dsa)
-                    xs = torch.cat([xs, xf.detach()])
-                gs = self._class_grad(model, weights, xs, c, create_graph=True)
-                flat = lambda gg: torch.cat([t.reshape(1, -1) for t in gg], dim=1)  # noqa: E731
-                loss = ops.grad_distance(flat(gr).detach(), flat(gs), self.layout, self.s.metric)[0]
-                losses.append(loss.detach())
-                if joint:
-                    total = total + loss
-                    continue
-                opt.zero_grad()
-                loss.backward(inputs=[leaf])
-                opt.step()
-            if joint:
-                opt.zero_grad()
-                total.backward(inputs=[leaf])
-                opt.step()
-        buf = opt.state[leaf].get("momentum_buffer") if self.s.mom_img > 0 else momentum
-        return leaf.detach(), buf.detach() if buf is not None else momentum, torch.stack(losses)
+    def _image_optimizer(self) -> ImageOptimizer:
+        return ImageOptimizer(self.m.lr_img * self.lr_scale, self.m.mom_img, self.C,
+                              self.m.image_update == "sequential")
 
     def _step_batched(self, model, draws, images, momentum, frozen):
-        C, dev = self.C, self.device
-        lr, mu = self.s.lr_img * self.lr_scale, self.s.mom_img
-        sequential = self.s.image_update == "sequential"
-        if sequential:
-            pre, keep, carry, total = sequential_momentum_coefficients(C, mu)
-            start = images - lr * _bcast(pre, images) * momentum
-        else:
-            start = images
-        leaf = start.detach().requires_grad_(True)
-        named = dict(model.named_parameters())
-        weights = [named[n] for n in self.matched]
-        for p in named.values():  # only the matched parameters need gradients while matching
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        own = self.own  # this rank's classes (all of them in a single process)
-        own_dev = own.to(dev)
-        try:
-            with self._block_override():
-                # real side: no graph, straight into the flat buffer
-                gr = torch.zeros(C, self.layout.numel, device=dev)
-                br = draws.real.shape[1]
-                xr = self._real_batch(draws.real[own].reshape(-1), self._rows(draws.dsa, own, br))
-                self._accumulate(model, weights, gr, xr.view(len(own), br, *xr.shape[1:]), own_dev,
-                                 1.0)
-                # frozen side: no graph, in chunks of frozen_chunk images per class
-                n_t = draws.syn.shape[1]
-                n_f = 0 if draws.frozen is None else draws.frozen.shape[1]
-                gf = None
-                if n_f:
-                    gf = torch.zeros(C, self.layout.numel, device=dev)
-                    step = self.s.frozen_chunk
-                    for lo in range(0, n_f, step):
-                        sel = draws.frozen[own, lo:lo + step]
-                        with torch.no_grad():
-                            xf = self._decoded(frozen, sel, own, draws.dsa)
-                        self._accumulate(model, weights, gf,
-                                         xf.view(len(own), sel.shape[1], *xf.shape[1:]), own_dev,
-                                         sel.shape[1] / n_f)
-                # trainable side: a graph per chunk of classes, one distance, one backward
-                w_t, w_f = n_t / (n_t + n_f), n_f / (n_t + n_f)
-                losses = torch.zeros(C, device=dev)
-                chunk = self._chunk_classes(n_t + n_f)
-                for lo in range(0, len(own), chunk):
-                    cls = own[lo:lo + chunk]
-                    rows = cls.to(dev)
-                    xs = self._decoded(leaf, draws.syn[cls], cls, draws.dsa)
-                    xs = xs.view(len(cls), n_t, *xs.shape[1:])
-                    if self.class_batching == "vmap":
-                        gs = torch.cat([g.reshape(len(cls), -1)
-                                        for g in self._vmap_grads(model, xs, cls)], dim=1)
-                    else:
-                        gs = torch.stack([torch.cat([g.reshape(-1) for g in
-                                                     self._class_grad(model, weights, xs[j], c, True)])
-                                          for j, c in enumerate(cls.tolist())])
-                    if gf is not None:
-                        gs = w_t * gs + w_f * gf[rows]
-                    dist = ops.grad_distance(gr[rows], gs, self.layout, self.s.metric)
-                    dist.sum().backward(inputs=[leaf])
-                    losses[rows] = dist.detach()
-        finally:
-            for p in named.values():
-                p.requires_grad_(True)
-        g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        with torch.no_grad():
-            if sequential:
-                new_mom = mu ** C * momentum + _bcast(keep, g) * g
-                new_images = leaf - lr * _bcast(total, g) * (_bcast(carry, g) * momentum + g)
-            else:
-                new_mom = mu * momentum + g
-                new_images = images - lr * new_mom
-            if self.ctx.active:  # other ranks' classes stay as they were here
-                mask = _bcast(self.own_mask, images).bool()
-                new_images = torch.where(mask, new_images, images)
-                new_mom = torch.where(mask, new_mom, momentum)
+        opt = self._image_optimizer()
+        at = opt.lookahead(images, momentum)
+        leaf = at.detach().requires_grad_(True)
+        with self._matched_weights(model) as weights, self._block_override():
+            gr = self._real_grads(model, weights, draws)
+            gf = self._frozen_grads(model, weights, draws, frozen)
+            losses = self._trainable_distance(model, weights, draws, leaf, gr, gf)
+        grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        new_images, new_mom = opt.step(leaf.detach(), grad, images, momentum)
+        if self.ctx.active:  # other ranks' classes stay as they were here
+            mask = bcast(self.own_mask, images).bool()
+            new_images = torch.where(mask, new_images, images)
+            new_mom = torch.where(mask, new_mom, momentum)
         return new_images.detach(), new_mom, losses
 
-    # --------------------------------------------------------------- network
-    def train_network(self, model: nn.Module, opt: torch.optim.Optimizer,
-                      pool: torch.Tensor) -> None:
-        """``n_data`` real samples of SGD from ``pool`` (CutMix, per-sample DSA)."""
-        s = self.s
-        if s.n_data == 0:
-            return
-        steps = math.ceil(s.n_data / s.net_batch)
-        order = pool[torch.randperm(len(pool), generator=self.gen)]
-        if len(order) < steps * s.net_batch:  # small pools cycle
-            order = order.repeat(math.ceil(steps * s.net_batch / len(order)))
-        for i in range(steps):
-            idx = order[i * s.net_batch:(i + 1) * s.net_batch]
-            x = to_float(self.real_images[idx.to(self.device)])
-            y = self.ds.train_labels[idx].to(self.device)
-            dsa = augment.draw(s.net_strategy, len(idx), self.ds.image_size, self.gen,
-                               shared_geometric=True)
-            x = ops.decode_augment(x, 1, None, dsa, self.mean, self.std)
-            shard = self.ctx.shard(len(idx)) if self.ctx.active else None
-            loss = mixed_loss(model, x, y, s.net_cutmix, self.gen, shard)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.ctx.all_reduce_grads(model)
-            opt.step()
+    def _real_grads(self, model, weights, draws: StepDraws) -> torch.Tensor:
+        """``[C, P]`` gradients of this rank's classes' real batches (no graph)."""
+        own, br = self.own, draws.real.shape[1]
+        gr = torch.zeros(self.C, self.layout.numel, device=self.device)
+        xr = self._real_batch(draws.real[own].reshape(-1), self._rows(draws.dsa, own, br))
+        self._accumulate(model, weights, gr, xr.view(len(own), br, *xr.shape[1:]),
+                         own.to(self.device), 1.0)
+        return gr
 
-    def new_network_optimizer(self, model):
-        s = self.s
-        return torch.optim.SGD(model.parameters(), lr=s.net_lr, momentum=s.net_momentum,
-                               weight_decay=s.net_weight_decay)
+    def _frozen_grads(self, model, weights, draws: StepDraws,
+                      frozen: torch.Tensor | None) -> torch.Tensor | None:
+        """``[C, P]`` mean gradient of each class's sampled frozen images (no graph), computed
+        ``match.frozen_chunk`` images per class at a time; None without frozen segments."""
+        if draws.frozen is None:
+            return None
+        own, n_f = self.own, draws.frozen.shape[1]
+        gf = torch.zeros(self.C, self.layout.numel, device=self.device)
+        for lo in range(0, n_f, self.m.frozen_chunk):
+            sel = draws.frozen[own, lo:lo + self.m.frozen_chunk]
+            with torch.no_grad():
+                xf = self._decoded(frozen, sel, own, draws.dsa)
+            self._accumulate(model, weights, gf, xf.view(len(own), sel.shape[1], *xf.shape[1:]),
+                             own.to(self.device), sel.shape[1] / n_f)
+        return gf
+
+    def _trainable_distance(self, model, weights, draws: StepDraws, leaf: torch.Tensor,
+                            gr: torch.Tensor, gf: torch.Tensor | None) -> torch.Tensor:
+        """Per-class match distance ``[C]`` of the trainable images ``leaf`` (mixed with the
+        frozen gradient ``gf`` as one batch), backpropagated into ``leaf.grad`` a chunk of
+        classes at a time (a graph per chunk)."""
+        n_t = draws.syn.shape[1]
+        n_f = 0 if draws.frozen is None else draws.frozen.shape[1]
+        w_t, w_f = n_t / (n_t + n_f), n_f / (n_t + n_f)
+        losses = torch.zeros(self.C, device=self.device)
+        chunk = self._chunk_classes(n_t + n_f)
+        for lo in range(0, len(self.own), chunk):
+            cls = self.own[lo:lo + chunk]
+            rows = cls.to(self.device)
+            xs = self._decoded(leaf, draws.syn[cls], cls, draws.dsa)
+            xs = xs.view(len(cls), n_t, *xs.shape[1:])
+            if self.class_batching == "vmap":
+                gs = torch.cat([g.reshape(len(cls), -1)
+                                for g in self._vmap_grads(model, xs, cls)], dim=1)
+            else:
+                gs = torch.stack([torch.cat([g.reshape(-1) for g in
+                                             self._class_grad(model, weights, xs[j], c, True)])
+                                  for j, c in enumerate(cls.tolist())])
+            if gf is not None:
+                gs = w_t * gs + w_f * gf[rows]
+            dist = ops.grad_distance(gr[rows], gs, self.layout, self.m.metric)
+            dist.sum().backward(inputs=[leaf])
+            losses[rows] = dist.detach()
+        return losses
 
     # ------------------------------------------------------------------ run
-    def trainable_share(self, n_train: int, n_frozen: int) -> float:
-        """Share of trainable images in each class's synthetic batch (1 without frozen ones)."""
-        f2 = self.factor ** 2
-        n_t = min(self.s.batch_syn, n_train * f2)
-        if not n_frozen:
-            return 1.0
-        n_f = n_frozen * f2 if self.s.frozen_per_class == 0 else \
-            min(self.s.frozen_per_class, n_frozen * f2)
-        return n_t / (n_t + n_f)
-
-    def distill(self, images: torch.Tensor, pools: list[torch.Tensor], net_pool: torch.Tensor,
+    def run_segment(self, images: torch.Tensor, pools: list[torch.Tensor], net_pool: torch.Tensor,
                 iterations: int, inner_steps: int, frozen: torch.Tensor | None = None,
-                segment: int = 0, lr_scale: float = 1.0) -> torch.Tensor:
+                segment: int = 0, lr_scale: float = 1.0,
+                starts: list[dict] | None = None) -> torch.Tensor:
         """Run ``iterations`` outer iterations on the trainable ``images [C, n, ch, H, W]``.
 
         pools: per-class real indices matched against; net_pool: real indices of the network's
-        updates; frozen: earlier segments (constants); lr_scale multiplies lr_img. Returns the
-        distilled images.
+        updates; frozen: earlier segments (constants); lr_scale multiplies lr_img; starts:
+        state dicts that outer iteration ``i``'s network starts from (``starts[i % len]``)
+        instead of its fresh initialisation. Returns the distilled images.
         """
         self.lr_scale = lr_scale
         from tqdm.auto import tqdm
@@ -462,15 +348,18 @@ class Matcher:
         n_acc = 0
         for it in bar:
             model = self.new_network()
-            opt = self.new_network_optimizer(model)
+            if starts:
+                model.load_state_dict(starts[it % len(starts)])
+            opt = network_optimizer(model, self.m)
             images = images.clamp(0, 1)
             for _ in range(inner_steps):
                 draws = self.draw(pools, images.shape[1], n_frozen)
                 images, momentum, loss = self.step(model, draws, images, momentum, frozen)
                 acc += loss
                 n_acc += 1
-                self.train_network(model, opt, net_pool)
-            if (it + 1) % self.cfg.match.log_every == 0 or it + 1 == iterations:
+                network_update(model, opt, self.real_images, self.ds.train_labels, net_pool,
+                               self.m, self.net_strategy, self.mean, self.std, self.gen)
+            if (it + 1) % self.m.log_every == 0 or it + 1 == iterations:
                 per_class = self.ctx.all_reduce_(acc / max(n_acc, 1)).tolist()
                 record = {"event": "match", "segment": segment, "iteration": it + 1,
                           "loss": sum(per_class) / self.C, "loss_per_class": per_class,

@@ -27,14 +27,16 @@ import importlib.util
 import math
 import os
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from . import augment
+from . import _ext, dsa
+from ._ext import ext, ext_error
+from .data import normalize
+from .formation import tile_shape
 from .errors import BackendUnavailable, ConfigError
 
 BACKENDS = ("reference", "triton", "ext")
@@ -74,7 +76,6 @@ def _parse_spec(spec: str, source: str) -> dict[str, str]:
 
 _forced: dict[str, str] | None = None  # set_backend() wins over the environment
 _overrides: list[dict[str, str]] = []  # override() contexts win over both
-_used: dict[str, set[str]] = defaultdict(set)
 _warned: set[str] = set()
 
 
@@ -111,29 +112,6 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_ext_module = None
-_ext_error: str | None = None
-
-
-def ext():
-    """The compiled extension ``dasm._C`` or None (the reason is in :func:`ext_error`)."""
-    global _ext_module, _ext_error
-    if _ext_module is None and _ext_error is None:
-        if os.environ.get("DASM_NO_EXT") == "1":
-            _ext_error = "disabled by DASM_NO_EXT=1"
-        else:
-            try:
-                _ext_module = importlib.import_module("dasm._C")
-            except ImportError as e:
-                _ext_error = f"dasm._C is not built or does not load ({e})"
-    return _ext_module
-
-
-def ext_error() -> str | None:
-    ext()
-    return _ext_error
-
-
 def triton_error() -> str | None:
     """Why the triton backend cannot run here, or None."""
     if importlib.util.find_spec("triton") is None:
@@ -157,7 +135,7 @@ def _applicable(op: str, backend: str, device: torch.device) -> str | None:
     if backend == "ext":
         mod = ext()
         if mod is None:
-            return _ext_error
+            return ext_error()
         if device.type == "cpu":
             return None
         if device.type == "cuda" and op == "accumulate_class_grads" and mod.has_cuda():
@@ -194,10 +172,6 @@ def backend_for(op: str, device: torch.device | str) -> str:
 def backend_table(device: torch.device | str) -> dict[str, str]:
     """op -> backend that would run on ``device`` (for logs and ``dasm info``)."""
     return {op: backend_for(op, device) for op in OPS}
-
-
-def used_backends() -> dict[str, list[str]]:
-    return {op: sorted(b) for op, b in _used.items()}
 
 
 def _kernel(name: str):
@@ -252,7 +226,7 @@ def _decode_reference(stored: torch.Tensor, factor: int, sel: torch.Tensor | Non
     N, ch, H, W = stored.shape
     if factor == 1:
         return stored if sel is None else stored[sel]
-    th, tw = -(-H // factor), -(-W // factor)
+    th, tw = tile_shape((H, W), factor)
     x = stored
     if th * factor != H or tw * factor != W:
         x = F.pad(x, (0, tw * factor - W, 0, th * factor - H), value=0.5)
@@ -266,9 +240,9 @@ def _decode_reference(stored: torch.Tensor, factor: int, sel: torch.Tensor | Non
 def _decode_augment_reference(stored, factor, sel, params, mean, std):
     x = _decode_reference(stored, factor, sel)
     if mean is not None:
-        x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        x = normalize(x, mean, std)
     if params is not None and params.strategy.enabled:
-        x = augment.apply_reference(x, params.to(x.device))
+        x = dsa.apply_reference(x, params.to(x.device))
     return x
 
 
@@ -311,7 +285,7 @@ def _inrp_reference(z, weight, bias, pool, eps):
 
 # ============================================================================= public ops
 def decode_augment(stored: torch.Tensor, factor: int = 1, sel: torch.Tensor | None = None,
-                   params: augment.DSAParams | None = None, mean: torch.Tensor | None = None,
+                   params: dsa.DSAParams | None = None, mean: torch.Tensor | None = None,
                    std: torch.Tensor | None = None) -> torch.Tensor:
     """Decode, normalise and augment a batch.
 
@@ -325,7 +299,6 @@ def decode_augment(stored: torch.Tensor, factor: int = 1, sel: torch.Tensor | No
         if len(params) != M:
             raise ValueError(f"decode_augment: {len(params)} DSA rows for {M} outputs")
     b = backend_for("decode_augment", stored.device)
-    _used["decode_augment"].add(b)
     if b == "triton":
         return _kernel("decode_augment").decode_augment(stored, factor, sel, params, mean, std)
     return _decode_augment_reference(stored, factor, sel, params, mean, std)
@@ -344,7 +317,6 @@ def grad_distance(gr: torch.Tensor, gs: torch.Tensor, layout: GradLayout,
         raise ValueError(f"grad_distance: shapes {tuple(gr.shape)}, {tuple(gs.shape)} do not fit "
                          f"a layout of {layout.numel} values")
     b = backend_for("grad_distance", gs.device)
-    _used["grad_distance"].add(b)
     if b == "triton":
         return _kernel("grad_distance").grad_distance(gr, gs, layout, metric)
     return _grad_distance_reference(gr.detach(), gs, layout, metric)
@@ -354,7 +326,6 @@ def sample_scores(logits: torch.Tensor, labels: torch.Tensor):
     """Per-sample cross-entropy loss, EL2N (|softmax - onehot|_2) and margin (true logit minus
     the largest other) of ``logits [N, K]`` (fp32/bf16/fp16) -> three ``[N]`` float32 tensors."""
     b = backend_for("sample_scores", logits.device)
-    _used["sample_scores"].add(b)
     if b == "triton":
         return _kernel("sample_scores").sample_scores(logits, labels)
     return _sample_scores_reference(logits, labels)
@@ -371,7 +342,6 @@ def accumulate_class_grads(buffer: torch.Tensor, grads: Sequence[torch.Tensor],
     if len(grads) != len(offsets):
         raise ValueError("accumulate_class_grads: one offset per gradient tensor")
     b = backend_for("accumulate_class_grads", buffer.device)
-    _used["accumulate_class_grads"].add(b)
     with torch.no_grad():
         if b == "ext":
             ext().accumulate_class_grads(buffer, list(grads), [int(o) for o in offsets], classes,
@@ -386,10 +356,8 @@ def instance_norm_relu_pool(z: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if ``pool``, 2x2 average pooling. ``z [N, C, H, W]`` -> ``[N, C, H', W']``. Differentiable
     twice with respect to ``z`` (gradient matching backpropagates through its backward)."""
     b = backend_for("instance_norm_relu_pool", z.device)
-    _used["instance_norm_relu_pool"].add(b)
     if b == "ext":
-        from ._ext import instance_norm_relu_pool as fused
-        return fused(z, weight, bias, pool, eps)
+        return _ext.instance_norm_relu_pool(z, weight, bias, pool, eps)
     return _inrp_reference(z, weight, bias, pool, eps)
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .data import Dataset, to_float
+from .data import Dataset, normalize, to_float
 from .errors import ConfigError
 
 SCORES = ("loss", "el2n", "margin")
@@ -32,7 +32,7 @@ def score_images(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, m
     out = {k: [] for k in SCORES}
     for lo in range(0, images.shape[0], batch):
         x = to_float(images[lo:lo + batch].to(device, non_blocking=True))
-        x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        x = normalize(x, mean, std)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with amp:
@@ -67,7 +67,7 @@ def difficulty(scores: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     return -scores["margin"] if kind == "margin" else scores[kind]
 
 
-def window_pools(hardness: torch.Tensor, class_index: list[torch.Tensor], easy_drop: float,
+def band_pools(hardness: torch.Tensor, class_index: list[torch.Tensor], easy_drop: float,
                  hard_drop: float, classes: list[str] | None = None) -> list[torch.Tensor]:
     """Per class, the images whose difficulty rank (easiest first) lies in
     ``[floor(easy_drop * n), n - floor(hard_drop * n))``. Ties keep dataset order.
@@ -79,7 +79,7 @@ def window_pools(hardness: torch.Tensor, class_index: list[torch.Tensor], easy_d
         lo, hi = int(easy_drop * n), n - int(hard_drop * n)
         if hi <= lo:
             name = classes[c] if classes else str(c)
-            raise ConfigError(f"the difficulty window [easy_drop={easy_drop}, "
+            raise ConfigError(f"the difficulty band [easy_drop={easy_drop}, "
                               f"hard_drop={hard_drop}] leaves no image of class {name!r} "
                               f"({n} images)")
         pools.append(idx[order[lo:hi]])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import io, ops
 from .errors import RunDirError
+from .formation import tile_shape
 
 FORMAT = "dasm-synthetic"
 FORMAT_VERSION = 1
@@ -63,10 +64,6 @@ class SyntheticSet:
     def decoded_per_class(self) -> int:
         return self.ipc * self.factor ** 2
 
-    def segment_slice(self, k: int) -> slice:
-        start = sum(self.segment_sizes[:k])
-        return slice(start, start + self.segment_sizes[k])
-
     # ----------------------------------------------------------------- decode
     def decoded(self, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """All training images ``[C * n * f^2, ch, H, W]`` (class-major) and labels."""
@@ -96,7 +93,7 @@ class SyntheticSet:
         """Write ``synthetic.safetensors`` atomically."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from .version import __version__
 
         C, n = self.images.shape[:2]
         tensors = {
@@ -147,11 +144,6 @@ class SyntheticSet:
 
 
 # ------------------------------------------------------------------------ inits
-def tile_shape(size: tuple[int, int], factor: int) -> tuple[int, int]:
-    """Tile size ceil(H/f) x ceil(W/f) of multi-formation."""
-    return -(-size[0] // factor), -(-size[1] // factor)
-
-
 def init_mix(real: torch.Tensor, factor: int) -> torch.Tensor:
     """IDC's "mix" init. ``real [C, n * f^2, ch, H, W]`` float in [0, 1] -> ``[C, n, ch, H, W]``:
     tile ``t`` (row-major) of stored image ``m`` is real image ``t * n + m``, shrunk to the tile

@@ -11,14 +11,15 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import augment, ops, rng
-from .augment import Strategy
-from .data import Dataset, to_float
+from . import dsa, ops, rng
+from .dsa import Strategy
+from .data import Dataset, normalize, to_float
 from .models import build_model, model_options
 
 
@@ -48,7 +49,7 @@ def mixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cutmix_p: flo
     n = x.shape[0]
     lam, y_b = 1.0, y
     if cutmix_p > 0 and torch.rand((), generator=generator).item() < cutmix_p:
-        x, perm, lam = augment.cutmix(x, generator)
+        x, perm, lam = dsa.cutmix(x, generator)
         y_b = y[perm]
     if shard is not None:
         x, y, y_b = x[shard], y[shard], y_b[shard]
@@ -59,13 +60,52 @@ def mixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cutmix_p: flo
     return loss / n
 
 
+def network_optimizer(model: nn.Module, m) -> torch.optim.Optimizer:
+    """IDC's optimiser of the matching network (``m``: the ``match`` config section)."""
+    return torch.optim.SGD(model.parameters(), lr=m.net_lr, momentum=m.net_momentum,
+                           weight_decay=m.net_weight_decay)
+
+
+def network_update(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor,
+                   labels: torch.Tensor, pool: torch.Tensor, m, strategy: Strategy,
+                   mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> None:
+    """IDC's training of the matching network between matching steps: ``m.n_data`` samples of
+    SGD on real ``images [N, ch, H, W]`` (uint8, on the model's device) / ``labels [N]`` drawn
+    from ``pool`` (indices; a small pool cycles), batch ``m.net_batch``, CutMix with probability
+    ``m.net_cutmix`` and per-sample DSA ``strategy``. Data-parallel under torch.distributed."""
+    from .distributed import context
+
+    if m.n_data == 0:
+        return
+    ctx = context()
+    device = images.device
+    steps = math.ceil(m.n_data / m.net_batch)
+    order = pool[torch.randperm(len(pool), generator=generator)]
+    if len(order) < steps * m.net_batch:
+        order = order.repeat(math.ceil(steps * m.net_batch / len(order)))
+    for i in range(steps):
+        idx = order[i * m.net_batch:(i + 1) * m.net_batch]
+        x = to_float(images[idx.to(device)])
+        y = labels[idx].to(device)
+        params = dsa.draw(strategy, len(idx), tuple(images.shape[-2:]), generator,
+                              shared_geometric=True)
+        x = ops.decode_augment(x, 1, None, params, mean, std)
+        shard = ctx.shard(len(idx)) if ctx.active else None
+        loss = mixed_loss(model, x, y, m.net_cutmix, generator, shard)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.all_reduce_grads(model)
+        opt.step()
+
+
 def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s: TrainSettings,
                 mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
-                progress: bool = False, desc: str = "train", data_parallel: bool = False
-                ) -> nn.Module:
+                progress: bool = False, desc: str = "train", data_parallel: bool = False,
+                on_epoch: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
     """Train ``model`` in place on ``images [N, ch, H, W]`` (uint8, or float in [0, 1]) and
     ``labels [N]``, on the model's device. ``data_parallel``: under torch.distributed, each rank
-    forwards a slice of every batch and gradients are summed over ranks."""
+    forwards a slice of every batch and gradients are summed over ranks. ``on_epoch(e, model)``
+    is called after epoch ``e`` (1-based)."""
     from .distributed import context
 
     ctx = context() if data_parallel else None
@@ -80,13 +120,13 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s:
         opt, milestones=[2 * s.epochs // 3, 5 * s.epochs // 6], gamma=0.2)
     model.train()
     n = images.shape[0]
-    for _ in tqdm(range(s.epochs), desc=desc, disable=not progress, leave=False,
+    for epoch in tqdm(range(s.epochs), desc=desc, disable=not progress, leave=False,
                   dynamic_ncols=True):
         order = torch.randperm(n, generator=generator).to(device)
         for lo in range(0, n, s.batch):
             idx = order[lo:lo + s.batch]
             x = to_float(images[idx])
-            params = augment.draw(s.strategy, len(idx), size, generator,
+            params = dsa.draw(s.strategy, len(idx), size, generator,
                                   shared_geometric=True) if s.strategy.enabled else None
             x = ops.decode_augment(x, 1, None, params, mean, std)
             shard = ctx.shard(len(idx)) if ctx is not None and ctx.active else None
@@ -97,6 +137,8 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s:
                 ctx.all_reduce_grads(model)
             opt.step()
         sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
     return model
 
 
@@ -109,7 +151,7 @@ def predict(model: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: tor
     out = []
     for lo in range(0, images.shape[0], batch):
         x = to_float(images[lo:lo + batch].to(device))
-        x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        x = normalize(x, mean, std)
         out.append(model(x).float())
     model.train()
     return torch.cat(out)
@@ -136,21 +178,57 @@ def evaluate_images(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
     test each on ``dataset``'s test split. Returns a JSON-ready summary."""
     device = torch.device(cfg.device)
     mean, std = dataset.mean_std(device)
-    name, opts = eval_model_spec(cfg, model_name)
+    spec = eval_model_spec(cfg, model_name)
     settings = TrainSettings.from_eval(cfg.eval, epochs)
     accs, t0 = [], time.perf_counter()
     for r in range(repeats or cfg.eval.repeats):
-        g = rng.generator(cfg.seed, tag, r)
-        model = build_model(name, dataset.channels, dataset.num_classes, dataset.image_size,
-                            generator=g, device=device, **opts)
-        train_model(model, images, labels, settings, mean, std, g, progress,
-                    desc=f"{tag} {r + 1}/{repeats or cfg.eval.repeats}")
+        model = train_new(spec, images, labels, dataset, settings, rng.generator(cfg.seed, tag, r),
+                          device, progress, desc=f"{tag} {r + 1}/{repeats or cfg.eval.repeats}")
         accs.append(accuracy(model, dataset.test_images, dataset.test_labels, mean, std,
                              cfg.eval.test_batch))
-    return {"model": name, "epochs": settings.epochs, "train_images": int(images.shape[0]),
+    return {"model": spec[0], "epochs": settings.epochs, "train_images": int(images.shape[0]),
             "accuracies": accs, "mean": statistics.fmean(accs),
             "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
             "seconds": round(time.perf_counter() - t0, 2), "reported": "last epoch"}
+
+
+def train_new(spec: tuple[str, dict], images: torch.Tensor, labels: torch.Tensor,
+              dataset: Dataset, settings: TrainSettings, generator: torch.Generator,
+              device: torch.device | str = "cpu", progress: bool = False, desc: str = "train",
+              data_parallel: bool = False,
+              on_epoch: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+    """A fresh network ``spec = (registry name, options)`` for ``dataset``, initialised from
+    ``generator`` and trained on ``images``/``labels`` by :func:`train_model`."""
+    name, opts = spec
+    model = build_model(name, dataset.channels, dataset.num_classes, dataset.image_size,
+                        generator=generator, device=torch.device(device), **opts)
+    mean, std = dataset.mean_std(torch.device(device))
+    return train_model(model, images, labels, settings, mean, std, generator, progress, desc,
+                       data_parallel, on_epoch)
+
+
+def train_scorer(cfg, dataset: Dataset, images: torch.Tensor, labels: torch.Tensor,
+                 generator: torch.Generator, device, snapshots: int = 0,
+                 progress: bool = False) -> tuple[nn.Module, list[dict]]:
+    """DASM's scorer f_k: the matching network's architecture trained on the decoded earlier
+    segments ``images``/``labels`` by the evaluation protocol for ``dasm.scorer_epochs``.
+
+    Returns the trained network and ``snapshots`` copies of its weights taken at evenly spaced
+    epochs (the last one at the end): the warm starts of segment k's matching networks, from
+    barely to fully trained on S_<k.
+    """
+    epochs = cfg.dasm.scorer_epochs
+    marks = {max(1, round(epochs * (j + 1) / snapshots)) for j in range(snapshots)}
+    saved: list[dict] = []
+
+    def keep(epoch, model):
+        if epoch in marks:
+            saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    model = train_new(model_options(cfg.model), images, labels, dataset,
+                      TrainSettings.from_eval(cfg.eval, epochs), generator, device, progress,
+                      desc="scorer", data_parallel=True, on_epoch=keep)
+    return model, saved
 
 
 def equal_step_epochs(epochs: int, factor: int) -> int:

@@ -8,7 +8,7 @@ For output sample ``m`` (a tile ``t`` of stored image ``n``) and pixel ``p``::
     out(c, p) sum over the 4 corners r of A p: bilinear weight * Y(c, r),       (flip + geometric
               zero outside the image; 0 inside the cutout box                    + cutout)
 
-with ``A`` the per-sample pixel affine of :meth:`dasm.augment.DSAParams.pixel_affine` and
+with ``A`` the per-sample pixel affine of :meth:`dasm.dsa.DSAParams.pixel_affine` and
 ``mu_m`` the mean of ``X`` over the whole decoded image (a pre-pass). Both resamplings are
 composed exactly (nothing is approximated). The backward gathers instead of scattering, so it is
 deterministic without atomics: kernel 1 collects ``dL/dY`` for each pixel from the output pixels
@@ -19,6 +19,8 @@ summed by ``index_put_(accumulate=True)``.
 import torch
 import triton
 import triton.language as tl
+
+from dasm.formation import tile_shape
 
 WINDOW = 3  # backward gathers output pixels within +-3 of A^-1 r (DSA needs +-1.5)
 MAX_EXTENT = WINDOW - 0.5
@@ -231,7 +233,7 @@ def _grad_tile_kernel(gy_ptr, sel_ptr, prm_ptr, gsum_ptr, std_ptr, gt_ptr, H, W,
              mask=cmask & tmask)
 
 
-def _pack(params, M, size, device):
+def _pack(params, M, device):
     """Per-sample parameters: [M, 16] float32 (A, A^-1, colour) and [M, 4] int32 cutout box,
     computed where ``params`` live (best: the CPU, as drawn) and copied to ``device`` once."""
     if params is None or not params.strategy.enabled:
@@ -264,7 +266,7 @@ class _DecodeAugment(torch.autograd.Function):
     def forward(ctx, stored, sel, factor, prm, box, color, mean, std):
         N, CH, H, W = stored.shape
         M = sel.shape[0]
-        TH, TW = -(-H // factor), -(-W // factor)
+        TH, TW = tile_shape((H, W), factor)
         geo = dict(H=H, W=W, TH=TH, TW=TW, scale_h=TH / H, scale_w=TW / W)
         CHP = triton.next_power_of_2(CH)
         block = max(16, min(256, triton.next_power_of_2(H * W)))
@@ -315,6 +317,6 @@ def decode_augment(stored, factor=1, sel=None, params=None, mean=None, std=None)
     sel = sel.to(device=device, dtype=torch.int64).contiguous()
     mean = torch.zeros(CH, device=device) if mean is None else mean.float().contiguous()
     std = torch.ones(CH, device=device) if std is None else std.float().contiguous()
-    prm, box, color = _pack(params, sel.shape[0], (H, W), device)
+    prm, box, color = _pack(params, sel.shape[0], device)
     return _DecodeAugment.apply(stored.float().contiguous(), sel, int(factor), prm, box, color,
                                 mean, std)

@@ -2,9 +2,9 @@
 import torch
 
 from dasm import SyntheticSet
-from dasm.baselines import baseline, run_baseline
+from dasm.baselines import run_baseline, select_subset
 from dasm.cli import main
-from dasm.config import resolve
+from dasm.rules import resolve
 from dasm.models import build_model
 from dasm.scoring import score_dataset
 
@@ -24,7 +24,7 @@ def test_random_subset_is_seeded_real_images(fmnist_small, tmp_path):
     for c, idx in enumerate(fmnist_small.class_index()):
         for img in sset.images[c]:  # each stored image is a training image of its class
             assert (real[idx] == img).flatten(1).all(1).any()
-    other = baseline("random", cfg_for(fmnist_small).replace(seed=5), fmnist_small)
+    other = select_subset("random", cfg_for(fmnist_small).replace(seed=5), fmnist_small)
     assert not torch.equal(other.images, sset.images)
 
 
@@ -32,14 +32,14 @@ def test_easy_hard_herding_follow_the_reference_network(fmnist_small):
     cfg = cfg_for(fmnist_small)
     model = build_model("convnet", 1, 10, (28, 28), torch.Generator().manual_seed(0), width=8)
     loss = score_dataset(model, fmnist_small)["loss"]
-    easy = baseline("easy", cfg, fmnist_small, reference_model=model)
-    hard = baseline("hard", cfg, fmnist_small, reference_model=model)
+    easy = select_subset("easy", cfg, fmnist_small, reference_model=model)
+    hard = select_subset("hard", cfg, fmnist_small, reference_model=model)
     real = fmnist_small.train_images.float() / 255
     for c, idx in enumerate(fmnist_small.class_index()):
         order = idx[torch.argsort(loss[idx], stable=True)]
         torch.testing.assert_close(easy.images[c], real[order[:3]])
         torch.testing.assert_close(hard.images[c], real[order.flip(0)[:3]])
-    herd = baseline("herding", cfg, fmnist_small, reference_model=model)
+    herd = select_subset("herding", cfg, fmnist_small, reference_model=model)
     assert herd.images.shape == (10, 3, 1, 28, 28)
     assert all(len({x.numpy().tobytes() for x in herd.images[c]}) == 3
                for c in range(10))

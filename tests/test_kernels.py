@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from dasm import augment, ops
-from dasm.augment import Strategy
+from dasm import dsa, ops
+from dasm.dsa import Strategy
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -103,7 +103,7 @@ def test_decode_augment_matches_reference(ch, size, factor, strategy, shared):
     M = 4 if size[0] > 16 else 6
     sel = torch.randint(0, N * factor * factor, (M,), generator=g)
     sel[1] = sel[0]  # a repeated tile accumulates
-    params = augment.draw(Strategy.parse(strategy), M, size, g, shared_geometric=shared)
+    params = dsa.draw(Strategy.parse(strategy), M, size, g, shared_geometric=shared)
     mean = torch.rand(ch, generator=g).to(DEV)
     std = (torch.rand(ch, generator=g) + 0.5).to(DEV)
     (y0, g0), (y1, g1) = run_both(stored, factor, sel.to(DEV), params.to(DEV), mean, std)
@@ -114,8 +114,8 @@ def test_decode_augment_matches_reference(ch, size, factor, strategy, shared):
 def test_decode_augment_each_geometric_op():
     g = torch.Generator().manual_seed(9)
     stored = torch.rand(2, 1, 8, 8, generator=g).to(DEV)
-    for name, code in augment.GEOMETRIC.items():
-        p = augment.draw(Strategy.parse(f"flip_{name}"), 8, (8, 8), g)
+    for name, code in dsa.GEOMETRIC.items():
+        p = dsa.draw(Strategy.parse(f"flip_{name}"), 8, (8, 8), g)
         assert (p.geo == code).all()
         (y0, g0), (y1, g1) = run_both(stored, 2, None, p.to(DEV), None, None)
         close(y1, y0, rtol=1e-4, atol=2e-5)
@@ -141,7 +141,7 @@ def test_dispatch_forced_triton(monkeypatch):
 @pytest.mark.cuda
 def test_matching_step_triton_equals_reference():
     """A whole matching step with the triton backend equals the reference backend (GPU)."""
-    from dasm.config import resolve
+    from dasm.rules import resolve
     from dasm.matching import Matcher
 
     from conftest import random_dataset, smoke_config

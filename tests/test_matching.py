@@ -2,14 +2,13 @@
 sequential momentum equals per-class SGD steps, frozen segments mix in as one big batch."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from dasm import ops
-from dasm.config import resolve
-from dasm.matching import Matcher, sequential_momentum_coefficients
+from dasm.rules import resolve
+from dasm.image_optim import sequential_momentum_coefficients
+from dasm.matching import Matcher
 from dasm.synthetic import init_mix
 
-from conftest import random_dataset, smoke_config
+from conftest import smoke_config
 
 
 def make_matcher(ds, *overrides, engine="batched"):
@@ -30,12 +29,11 @@ def start_images(ds, n, factor=2, seed=0):
 def step_loss(m, model, draws, images, frozen=None):
     """Loss of the batched step, without updating anything."""
     zero = torch.zeros_like(images)
-    saved = m.s
-    m.s = type(saved)(**{**saved.__dict__, "lr_img": 0.0})
+    saved, m.lr_scale = m.lr_scale, 0.0  # a step of size zero
     try:
         return m.step(model, draws, images, zero, frozen)[2]
     finally:
-        m.s = saved
+        m.lr_scale = saved
 
 
 def test_step_lowers_match_loss_on_fixed_network(tiny_ds):

@@ -109,12 +109,6 @@ class DSAParams:
     def to(self, device) -> "DSAParams":
         return replace(self, **{n: getattr(self, n).to(device) for n in self._TENSORS})
 
-    @staticmethod
-    def cat(parts: list["DSAParams"]) -> "DSAParams":
-        first = parts[0]
-        return replace(first, **{n: torch.cat([getattr(p, n) for p in parts])
-                                 for n in DSAParams._TENSORS})
-
     # ------------------------------------------------------------ composed form
     def cutout_box(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[M, 2]`` first row/col and ``[M, 2]`` end row/col (exclusive) of the cutout square,
@@ -312,14 +306,13 @@ def apply_reference(x: torch.Tensor, p: DSAParams) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------- CutMix
-def cutmix(x: torch.Tensor, generator: torch.Generator, beta: float = 1.0):
-    """CutMix (IDC's ``rand_bbox``): paste a box from a permuted batch.
+def cutmix(x: torch.Tensor, generator: torch.Generator):
+    """CutMix (IDC's ``rand_bbox``, beta 1: the mixing ratio is uniform): paste a box from a
+    permuted batch.
 
     Returns ``(mixed, perm, lam)``: the loss is ``lam * CE(y) + (1 - lam) * CE(y[perm])``.
     """
     M, _, H, W = x.shape
-    if beta != 1.0:
-        raise ConfigError("CutMix supports beta = 1 (IDC's setting) only")
     lam = torch.rand((), generator=generator).item()
     perm = torch.randperm(M, generator=generator).to(x.device)
     cut = math.sqrt(1.0 - lam)

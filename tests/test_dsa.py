@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from dasm import augment
-from dasm.augment import Strategy
+from dasm import dsa
+from dasm.dsa import Strategy
 from dasm.errors import ConfigError
 
 
@@ -20,28 +20,28 @@ def test_strategy_parse_and_errors():
 
 def test_colour_ops_formulas():
     x = torch.tensor([[[[1.0, 2.0]], [[3.0, 6.0]]]])  # [1, 2 channels, 1, 2]
-    torch.testing.assert_close(augment.brightness(x, torch.tensor([0.25])), x + 0.25)
+    torch.testing.assert_close(dsa.brightness(x, torch.tensor([0.25])), x + 0.25)
     s = torch.tensor([0.5])
     mc = x.mean(dim=1, keepdim=True)  # per-pixel channel mean: [2, 4]
-    torch.testing.assert_close(augment.saturation(x, s), (x - mc) * 0.5 + mc)
-    assert augment.saturation(x, s)[0, 0, 0, 0].item() == pytest.approx((1 - 2) * 0.5 + 2)
+    torch.testing.assert_close(dsa.saturation(x, s), (x - mc) * 0.5 + mc)
+    assert dsa.saturation(x, s)[0, 0, 0, 0].item() == pytest.approx((1 - 2) * 0.5 + 2)
     c = torch.tensor([1.5])
     m = x.mean()  # 3
-    assert augment.contrast(x, c)[0, 1, 0, 1].item() == pytest.approx((6 - 3) * 1.5 + 3)
+    assert dsa.contrast(x, c)[0, 1, 0, 1].item() == pytest.approx((6 - 3) * 1.5 + 3)
 
 
 def test_crop_shifts_with_zero_fill():
     x = torch.arange(9.0).view(1, 1, 3, 3) + 1
-    out = augment.crop(x, torch.tensor([[1, -1]]))  # out[i, j] = x[i + 1, j - 1]
+    out = dsa.crop(x, torch.tensor([[1, -1]]))  # out[i, j] = x[i + 1, j - 1]
     want = torch.tensor([[0.0, 4, 5], [0, 7, 8], [0, 0, 0]])
     torch.testing.assert_close(out[0, 0], want)
 
 
 def test_cutout_square_and_sizes():
-    assert augment.cutout_size(28) == 14 and augment.crop_shift(28) == 4
-    p = augment.draw(Strategy(cutout=True), 1, (4, 4), torch.Generator().manual_seed(0))
+    assert dsa.cutout_size(28) == 14 and dsa.crop_shift(28) == 4
+    p = dsa.draw(Strategy(cutout=True), 1, (4, 4), torch.Generator().manual_seed(0))
     p.cut_center[:] = torch.tensor([[1, 3]])  # size 2: rows [0, 2), cols [2, 4)
-    out = augment.cutout(torch.ones(1, 1, 4, 4), p)
+    out = dsa.cutout(torch.ones(1, 1, 4, 4), p)
     want = torch.ones(4, 4)
     want[0:2, 2:4] = 0
     torch.testing.assert_close(out[0, 0], want)
@@ -49,13 +49,13 @@ def test_cutout_square_and_sizes():
 
 def test_flip_rotate_scale():
     x = torch.randn(2, 1, 5, 5)
-    torch.testing.assert_close(augment.flip(x, torch.tensor([True, False])),
+    torch.testing.assert_close(dsa.flip(x, torch.tensor([True, False])),
                                torch.stack([x[0].flip(2), x[1]]))
-    rot = augment.rotate(x, torch.tensor([math.pi / 2, 0.0]))
+    rot = dsa.rotate(x, torch.tensor([math.pi / 2, 0.0]))
     torch.testing.assert_close(rot[0], torch.rot90(x[0], 1, dims=(1, 2)), atol=1e-5, rtol=0)
     torch.testing.assert_close(rot[1], x[1], atol=1e-5, rtol=0)
     # scale 2 in x: output column x samples input column ((2x+1)/W - 1) * 2 ... at the centre row
-    sc = augment.scale(torch.arange(5.0).view(1, 1, 1, 5).expand(1, 1, 5, 5).contiguous(),
+    sc = dsa.scale(torch.arange(5.0).view(1, 1, 1, 5).expand(1, 1, 5, 5).contiguous(),
                        torch.tensor([[0.5, 1.0]]))
     # sx = 0.5 zooms in: output pixel 0 samples input position ((0.5 * (1/5 - 1)) + 1) * 5/2 - 1/2
     src = ((0.5 * (1 / 5 - 1)) + 1) * 5 / 2 - 0.5
@@ -83,9 +83,9 @@ def test_composed_form_equals_reference(size):
     H, W = size
     g = torch.Generator().manual_seed(1)
     st = Strategy.parse("color_crop_cutout_flip_scale_rotate")
-    p = augment.draw(st, 12, size, g)
+    p = dsa.draw(st, 12, size, g)
     x = torch.randn(12, 3, H, W, generator=g)
-    ref = augment.apply_reference(x, p)
+    ref = dsa.apply_reference(x, p)
     A = p.pixel_affine()
     cc = p.colour_coefficients()
     lo, hi = p.cutout_box()
@@ -105,28 +105,28 @@ def test_composed_form_equals_reference(size):
 def test_siamese_and_per_sample_draws():
     st = Strategy.parse("color_crop_cutout_flip_scale_rotate")
     g = torch.Generator().manual_seed(0)
-    p = augment.draw_siamese(st, [3, 4], (28, 28), g)
-    for name in augment.DSAParams._TENSORS:
+    p = dsa.draw_siamese(st, [3, 4], (28, 28), g)
+    for name in dsa.DSAParams._TENSORS:
         t = getattr(p, name)
         assert torch.equal(t[0], t[2]) and torch.equal(t[3], t[6])
     # real and synthetic images of a class take the same rows: same image -> same output
     img = torch.randn(1, 1, 28, 28)
-    two = augment.apply_reference(img.expand(2, -1, -1, -1), p.index(torch.tensor([0, 2])))
+    two = dsa.apply_reference(img.expand(2, -1, -1, -1), p.index(torch.tensor([0, 2])))
     torch.testing.assert_close(two[0], two[1])
-    q = augment.draw(st, 64, (28, 28), g)
+    q = dsa.draw(st, 64, (28, 28), g)
     assert len(set(q.brightness.tolist())) == 64 and len(set(q.angle.tolist())) > 1
 
 
 def test_same_generator_state_same_draw():
     st = Strategy.parse("color_crop_cutout")
-    a = augment.draw(st, 5, (28, 28), torch.Generator().manual_seed(7))
-    b = augment.draw(st, 5, (28, 28), torch.Generator().manual_seed(7))
-    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in augment.DSAParams._TENSORS)
+    a = dsa.draw(st, 5, (28, 28), torch.Generator().manual_seed(7))
+    b = dsa.draw(st, 5, (28, 28), torch.Generator().manual_seed(7))
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in dsa.DSAParams._TENSORS)
 
 
 def test_cutmix_box_and_lambda():
     x = torch.arange(2 * 16.0).view(2, 1, 4, 4)
-    mixed, perm, lam = augment.cutmix(x, torch.Generator().manual_seed(3))
+    mixed, perm, lam = dsa.cutmix(x, torch.Generator().manual_seed(3))
     changed = (mixed != x).any(0).any(0)
     assert 0.0 <= lam <= 1.0
     assert changed.float().sum().item() <= (1 - lam) * 16 + 1e-6

@@ -1,0 +1,98 @@
+"""IDC's ``auto`` rules: what each ``auto`` config value becomes once the dataset is known.
+
+:data:`RULES` is the table, applied top to bottom (a rule may read values resolved above it):
+
+=====================  =================================================================
+key                    rule
+=====================  =================================================================
+device                 cuda when a CUDA device is present, else cpu
+match.metric           l1 for MNIST-likes, mse otherwise
+match.lr_img           1e-4 (MNIST-likes) or 5e-3, x (ipc/10) x (size/base)^2 x lr_img_scale;
+                       base 28 for MNIST, 32 otherwise; ipc: the largest segment's
+match.augment          color_crop_cutout (siamese DSA)
+match.net_augment      match.augment without cutout when CutMix is on
+eval.augment           color_crop_cutout_flip_scale_rotate, without cutout when CutMix is on,
+                       without flip for digit sets and SVHN
+dasm.segments          the number of segments ``segments: auto`` gives (dasm.plan)
+=====================  =================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import AUTO, Config, from_dict
+from .data import MNIST_LIKE, NO_FLIP
+from .dsa import Strategy
+from .errors import ConfigError
+from .plan import segment_sizes
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the rules know of the dataset."""
+
+    family: str  # registry name without an imagefolder path
+    image_size: tuple[int, int]
+    cuda: bool
+
+    @property
+    def mnist_like(self) -> bool:
+        return self.family in MNIST_LIKE
+
+
+def _lr_img(d: dict, facts: DataFacts) -> float:
+    base = 1e-4 if facts.mnist_like else 5e-3
+    size_base = 28 if facts.family in ("mnist", "mnist5k") else 32
+    ipc = max(segment_sizes(d["synthetic"]["ipc"], d["dasm"]["segments"]))
+    return base * (ipc / 10) * (facts.image_size[0] / size_base) ** 2 * d["match"]["lr_img_scale"]
+
+
+def _net_augment(d: dict, facts: DataFacts) -> str:
+    match = Strategy.parse(d["match"]["augment"], "match.augment")
+    return str(match.without("cutout") if d["match"]["net_cutmix"] > 0 else match)
+
+
+def _eval_augment(d: dict, facts: DataFacts) -> str:
+    st = Strategy.parse("color_crop_cutout_flip_scale_rotate")
+    if d["eval"]["cutmix"] > 0:
+        st = st.without("cutout")
+    if facts.family in NO_FLIP:
+        st = st.without("flip")
+    return str(st)
+
+
+Rule = Callable[[dict, DataFacts], Any]
+RULES: list[tuple[str, Rule]] = [
+    ("device", lambda d, f: "cuda" if f.cuda else "cpu"),
+    ("match.metric", lambda d, f: "l1" if f.mnist_like else "mse"),
+    ("match.lr_img", _lr_img),
+    ("match.augment", lambda d, f: "color_crop_cutout"),
+    ("match.net_augment", _net_augment),
+    ("eval.augment", _eval_augment),
+    ("dasm.segments", lambda d, f: len(segment_sizes(d["synthetic"]["ipc"], AUTO))),
+]
+STRATEGY_KEYS = ("match.augment", "match.net_augment", "eval.augment")
+
+
+def _node(d: dict, key: str) -> tuple[dict, str]:
+    *path, leaf = key.split(".")
+    for part in path:
+        d = d[part]
+    return d, leaf
+
+
+def resolve(cfg: Config, dataset_name: str, image_size: tuple[int, int], cuda: bool) -> Config:
+    """``cfg`` with every ``auto`` filled by :data:`RULES`; the result is what a run saves."""
+    if cfg.device == "cuda" and not cuda:
+        raise ConfigError("config key 'device': cuda was asked for but no CUDA device is present")
+    facts = DataFacts(dataset_name.split(":", 1)[0], tuple(image_size), cuda)
+    d = cfg.to_dict()
+    for key, rule in RULES:
+        node, leaf = _node(d, key)
+        if node[leaf] == AUTO:
+            node[leaf] = rule(d, facts)
+    for key in STRATEGY_KEYS:
+        node, leaf = _node(d, key)
+        Strategy.parse(node[leaf], key)
+    return from_dict(d)

@@ -1,0 +1,169 @@
+"""The run directory: claim it, check a config against it, write and read its checkpoints.
+
+A run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``checkpoints/``
+(``segment_NNN.pt``, tensors only), ``grid_seg<k>.png``, ``synthetic.safetensors`` and, after
+``dasm evaluate``, ``eval.json``. One config identity (:meth:`Config.identity`) decides both
+whether a directory belongs to a config and whether a checkpoint may be resumed from.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+from . import distributed, io, runtime
+from .config import Config, from_dict
+from .rules import resolve
+from .data import Dataset, dataset_from_config
+from .errors import ConfigError, DasmError, RunDirError
+from .matching import check_engine
+from .models import model_options, model_skeleton
+from .plan import plan
+from .synthetic import real_needed
+from .train import eval_model_spec
+
+CHECKPOINT = re.compile(r"segment_(\d{3,})\.pt")
+
+
+class RunDir:
+    """Paths and writers of a run directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    synthetic = property(lambda self: self.path / "synthetic.safetensors")
+    evals = property(lambda self: self.path / "eval.json")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+
+    def checkpoint(self, k: int) -> Path:
+        return self.checkpoints / f"segment_{k:03d}.pt"
+
+    def grid(self, k: int) -> Path:
+        return self.path / f"grid_seg{k}.png"
+
+    def log(self, record: dict) -> None:
+        if distributed.context().is_main:  # rank 0 alone writes
+            io.append_jsonl(self.metrics, {"time": round(time.time(), 3), **record})
+
+    def load_config(self) -> Config:
+        import yaml
+
+        if not self.config.is_file():
+            raise RunDirError(f"{self.path} is not a run directory (no config.yaml)")
+        try:
+            return from_dict(yaml.safe_load(self.config.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise RunDirError(f"{self.config} is not valid YAML: {e}") from None
+
+    def last_checkpoint(self) -> int:
+        """Number of finished segments recorded (0 if none). Files not named like our
+        checkpoints (``segment_NNN.pt``) are ignored."""
+        if not self.checkpoints.is_dir():
+            return 0
+        done = [int(m.group(1)) for p in self.checkpoints.iterdir()
+                if (m := CHECKPOINT.fullmatch(p.name))]
+        return max(done, default=0)
+
+    def save_checkpoint(self, k: int, state: dict) -> None:
+        """Write ``segment_{k}.pt`` (tensors, ints and strings only) and delete the earlier
+        ones: resume needs only the newest, which holds the whole set so far."""
+        io.torch_save(state, self.checkpoint(k))
+        for j in range(1, k):
+            self.checkpoint(j).unlink(missing_ok=True)
+
+    def load_checkpoint(self, k: int, identity: str) -> dict:
+        """The checkpoint of segment ``k``, loaded without running code from the file
+        (``weights_only``); a damaged, foreign or malicious file is a RunDirError."""
+        path = self.checkpoint(k)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
+                ValueError, AttributeError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunDirError(f"checkpoint {path} cannot be read safely ({first[:160]}); "
+                              f"delete it to recompute that segment") from None
+        if not isinstance(state, dict) or state.get("identity") != identity:
+            raise RunDirError(f"checkpoint {path} belongs to another config")
+        return state
+
+
+def preflight(cfg: Config, ds: Dataset) -> None:
+    """Every check that can fail before a run directory is touched (raises ConfigError)."""
+    for name, opts in (model_options(cfg.model), eval_model_spec(cfg)):
+        model_skeleton(name, ds.channels, ds.num_classes, ds.image_size, **opts)
+    check_engine(cfg)
+    segments = plan(cfg)
+    counts = [len(i) for i in ds.class_index()]
+    needs = [real_needed(cfg.synthetic.init, s.ipc, cfg.synthetic.factor) for s in segments]
+    for c, n in enumerate(counts):
+        if sum(needs) > n:
+            raise ConfigError(
+                f"class {ds.classes[c]!r} has {n} real training images; the inits of all "
+                f"{len(segments)} segments ({cfg.synthetic.init}, synthetic.ipc="
+                f"{cfg.synthetic.ipc}, factor {cfg.synthetic.factor}) need {sum(needs)} that no "
+                f"two inits share")
+    for s, need in zip(segments, needs):
+        for c, n in enumerate(counts):
+            pool = n - int(s.easy_drop * n) - int(s.hard_drop * n)
+            if pool < max(need, 1):
+                raise ConfigError(
+                    f"the difficulty band of segment {s.index + 1} (easy_drop={s.easy_drop:g}, "
+                    f"hard_drop={s.hard_drop:g}) leaves {pool} images of class "
+                    f"{ds.classes[c]!r}; its init ({cfg.synthetic.init}) needs {need}")
+
+
+def claim(run: RunDir, cfg: Config, resume: bool) -> None:
+    """Refuse a directory that holds another run (or, resuming, a different config); write
+    config.yaml into a new one."""
+    if run.path.exists() and not run.path.is_dir():
+        raise RunDirError(f"--out {run.path} exists and is not a directory")
+    if run.config.exists():
+        if not resume:
+            raise RunDirError(f"{run.path} already holds a run (config.yaml); pass --resume to "
+                              f"continue it, or choose another --out")
+        saved = run.load_config()
+        if saved.identity() != cfg.identity():
+            diff = saved.differences(cfg)
+            raise RunDirError(f"cannot resume {run.path}: its config differs in "
+                              f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}")
+    elif resume and run.path.exists() and any(run.path.iterdir()):
+        raise RunDirError(f"cannot resume {run.path}: it holds no config.yaml")
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        if not run.config.exists():
+            io.write_text(run.config, cfg.to_yaml())
+    except OSError as e:
+        raise RunDirError(f"cannot write the run directory {run.path}: "
+                          f"{e.strerror or e}") from None
+
+
+def prepare(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None = None,
+            kind: str = "distill"):
+    """Resolve the config against the dataset, apply runtime settings, and claim ``out``.
+
+    Returns ``(cfg, dataset, run)``. Without ``resume`` a directory that already holds a run is
+    refused (nothing is overwritten); with ``resume`` its saved config must have this identity.
+    """
+    ds = dataset if dataset is not None else dataset_from_config(cfg.data)
+    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available())
+    preflight(cfg, ds)
+    ctx = distributed.init_from_env(cfg.dist.backend, cfg.dist.timeout_s)
+    run = RunDir(out)
+    error = None
+    if ctx.is_main:  # rank 0 claims the directory; every rank learns the outcome
+        try:
+            claim(run, cfg, resume)
+        except DasmError as e:
+            error = e
+    if ctx.any_failed(error is not None):
+        raise error or DasmError(f"rank 0 could not claim {run.path} (see its message)")
+    settings = runtime.apply(cfg)
+    run.log({"event": "start", "kind": kind, "resume": resume, "identity": cfg.identity(),
+             "dataset": ds.name, "train_images": int(ds.train_images.shape[0]), **settings})
+    return cfg, ds, run
