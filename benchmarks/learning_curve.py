@@ -20,9 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from accuracy import ensure_run, load_profile  # noqa: E402
+from accuracy import distill_seconds, load_profile  # noqa: E402
 from dasm import api, io  # noqa: E402
 from dasm.data import dataset_from_config  # noqa: E402
+from dasm.rundir import RunDir  # noqa: E402
 from dasm.schedule import distill  # noqa: E402
 
 from _common import RESULTS, ROOT, machine  # noqa: E402
@@ -47,7 +48,10 @@ def main():
         cfg = base.replace(**{"synthetic.ipc": a.ipc, "dasm.segments": 1,
                               "match.iterations": steps // inner})
         out = ROOT / "runs" / "learning-curve" / profile / f"idc-ipc{a.ipc}-steps{steps}"
-        _, t_make = ensure_run(out, lambda resume: distill(cfg, out, resume=resume, dataset=ds))
+        run = RunDir(out)
+        if not run.synthetic.exists():  # finished runs are reused; a killed one resumes
+            distill(cfg, out, resume=run.config.exists(), dataset=ds)
+        t_make = distill_seconds(run)
         t0 = time.perf_counter()
         s = api.evaluate(out, dataset=ds, progress=False)
         rec = {"method": "idc", "ipc": a.ipc, "steps": steps, "accuracies": s["accuracies"],
