@@ -39,13 +39,18 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
              dataset: Dataset | None = None, progress: bool | None = None,
              overrides: dict | None = None) -> dict:
     """Evaluate a run directory's synthetic set; appends the summary to ``eval.json``."""
+    for name, value in (("--epochs", epochs), ("--repeats", repeats),
+                        ("--full-data", full_data_epochs)):
+        if value is not None and value <= 0:
+            raise DasmError(f"evaluate: {name} must be a positive integer, got {value}")
     run, cfg, sset, ds = _load_run(run_dir, dataset)
+    previous = _evaluations(run)  # a corrupt eval.json stops us before any work
     if overrides:
         cfg = cfg.replace(**overrides)
     runtime.apply(cfg)
     progress = cfg.runtime.progress if progress is None else progress
     x, y = sset.decoded()
-    n_epochs = epochs or cfg.eval.epochs
+    n_epochs = epochs if epochs is not None else cfg.eval.epochs
     if cfg.eval.same_compute:
         n_epochs = equal_step_epochs(n_epochs, sset.factor)
     summary = evaluate_images(x, y, ds, cfg, model, n_epochs, repeats, progress=progress)
@@ -56,15 +61,25 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
         full = evaluate_images(ds.train_images, ds.train_labels, ds, cfg, model, full_data_epochs,
                                repeats, tag="full-data", progress=progress)
         summary["full_data"] = full
-    previous = []
-    if run.evals.exists():
-        try:
-            previous = json.loads(run.evals.read_text()).get("evaluations", [])
-        except (json.JSONDecodeError, AttributeError):
-            previous = []
     io.write_json(run.evals, {"evaluations": previous + [summary]})
     run.log({"event": "eval", **{k: v for k, v in summary.items() if k != "full_data"}})
     return summary
+
+
+def _evaluations(run: RunDir) -> list[dict]:
+    """The evaluations recorded in ``eval.json`` ([] if none); a file that is not ours is an
+    error, never silently replaced."""
+    if not run.evals.exists():
+        return []
+    try:
+        data = json.loads(run.evals.read_text())
+        evaluations = data["evaluations"]
+        if not isinstance(evaluations, list):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise RunDirError(f"{run.evals} is corrupt (not a dasm evaluation record); move it away "
+                          f"to keep it, then evaluate again") from None
+    return evaluations
 
 
 def _safe_name(name: str) -> str:
@@ -79,6 +94,15 @@ def export(run_dir: str | Path, fmt: str, to: str | Path) -> Path:
     run = RunDir(run_dir)
     sset = SyntheticSet.load(run.synthetic)
     to = Path(to)
+    if to.exists() and not to.is_dir():
+        raise DasmError(f"export: --to {to} exists and is not a directory")
+    try:
+        return _export(sset, fmt, to)
+    except OSError as e:
+        raise DasmError(f"export: cannot write {e.filename or to}: {e.strerror or e}") from None
+
+
+def _export(sset: SyntheticSet, fmt: str, to: Path) -> Path:
     if fmt == "ddranking":
         targets = [to / "images.pt", to / "labels.pt"]
         clash = [p for p in targets if p.exists()]
@@ -130,7 +154,7 @@ def info(run_dir: str | Path) -> dict:
                    segment_sizes=sset.segment_sizes)
     if run.evals.exists():
         out["evaluations"] = [{k: e.get(k) for k in ("model", "epochs", "mean", "std", "accuracies")}
-                              for e in json.loads(run.evals.read_text()).get("evaluations", [])]
+                              for e in _evaluations(run)]
     return out
 
 
@@ -139,8 +163,6 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     """Per-sample loss/EL2N/margin of every training image of ``cfg.data`` under a network:
     ``model_from/model.pt`` if present, else one trained on ``model_from``'s synthetic set by the
     evaluation protocol (and saved as ``model.pt``). Written to ``out`` (safetensors)."""
-    from safetensors.torch import save_file
-
     from .rules import resolve
 
     ds = dataset_from_config(cfg.data)
@@ -168,5 +190,5 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     scores = score_dataset(model, ds)
     tensors = {**{k: v.contiguous() for k, v in scores.items()}, "labels": ds.train_labels.clone()}
     meta = {"dataset": ds.name, "model": name, "source": str(src.path)}
-    io.write_with(out, lambda p: save_file(tensors, str(p), metadata=meta))
+    io.save_safetensors(tensors, out, meta)
     return {k: float(v.mean()) for k, v in scores.items()}

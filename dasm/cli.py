@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     except DasmError as e:
         print(f"dasm: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path we were given cannot be read or written
+        print(f"dasm: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("dasm: interrupted", file=sys.stderr)
         return 130

@@ -1,18 +1,47 @@
 """Atomic file output: a file is either the complete new version or the old one, never half.
 
-Everything is written to a temporary file in the destination folder and moved into place with
-``os.replace``. Metrics are appended as JSON lines.
+Everything is written to a temporary file in the destination folder (``.<name>.<random>.tmp``)
+and moved into place with ``os.replace``, with the permissions the umask gives a new file.
+Metrics are appended as JSON lines. safetensors files are written here, byte for byte the same
+for the same tensors and metadata (the library's own writer orders metadata by hash).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | Path, older_than_s: float = 60.0) -> list[Path]:
+    """Delete temporary files of :func:`atomic_path`'s naming in ``folder`` left by a killed
+    write (older than ``older_than_s``, so a concurrent writer's live file is spared)."""
+    folder, now, gone = Path(folder), time.time(), []
+    if not folder.is_dir():
+        return gone
+    for p in folder.glob(f".*{TMP_SUFFIX}"):
+        try:
+            if p.is_file() and now - p.stat().st_mtime > older_than_s:
+                p.unlink()
+                gone.append(p)
+        except OSError:
+            pass
+    return gone
 
 
 @contextlib.contextmanager
@@ -20,10 +49,11 @@ def atomic_path(path: str | Path):
     """Yield a temporary path next to ``path``; move it onto ``path`` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask like open()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -47,6 +77,35 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
 
 def torch_save(obj: Any, path: str | Path) -> None:
     write_with(path, lambda p: torch.save(obj, p))
+
+
+_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16",
+           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+           torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors encoding of ``tensors`` (CPU, contiguous) with string ``metadata``, keys
+    sorted: the same inputs give the same bytes."""
+    header: dict[str, Any] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str]) -> None:
+    """Write a safetensors file atomically and deterministically."""
+    payload = safetensors_bytes(tensors, metadata)
+    write_with(path, lambda p: p.write_bytes(payload))
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

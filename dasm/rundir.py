@@ -138,6 +138,8 @@ def claim(run: RunDir, cfg: Config, resume: bool) -> None:
         run.path.mkdir(parents=True, exist_ok=True)
         if not run.config.exists():
             io.write_text(run.config, cfg.to_yaml())
+        for folder in (run.path, run.checkpoints):  # left by a killed write of an earlier try
+            io.remove_stale_temporaries(folder)
     except OSError as e:
         raise RunDirError(f"cannot write the run directory {run.path}: "
                           f"{e.strerror or e}") from None

@@ -91,8 +91,6 @@ class SyntheticSet:
 
     def save(self, path: str | Path) -> None:
         """Write ``synthetic.safetensors`` atomically."""
-        from safetensors.torch import save_file
-
         from .version import __version__
 
         C, n = self.images.shape[:2]
@@ -103,7 +101,7 @@ class SyntheticSet:
             "segment": torch.repeat_interleave(torch.arange(len(self.segment_sizes)),
                                                torch.tensor(self.segment_sizes)).repeat(C),
         }
-        io.write_with(path, lambda p: save_file(tensors, str(p), metadata=self.metadata(__version__)))
+        io.save_safetensors(tensors, path, self.metadata(__version__))
 
     @classmethod
     def load(cls, path: str | Path) -> "SyntheticSet":

@@ -7,6 +7,7 @@ half-batch gradients with an all-reduce where one process sums the whole batch a
 convolutions on half batches round differently; everything else (draws, pools, inits,
 class-to-rank ownership) is identical by construction.
 """
+import json
 import os
 import socket
 import subprocess
@@ -23,7 +24,8 @@ from dasm import SyntheticSet
 from conftest import ROOT, SMOKE
 
 SEG = ["--set", "synthetic.ipc=4", "--set", "dasm.segments=2", "--set", "data.train_per_class=40",
-       "--set", "dasm.easy_drop=0.25", "--set", "dasm.hard_drop=0.1"]
+       "--set", "dasm.easy_drop=0.25", "--set", "dasm.hard_drop=0.1",
+       "--set", "match.lr_img=0.1"]  # a step that moves the images materially (see below)
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or
                                 not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -67,6 +69,10 @@ def test_two_processes_equal_one(one_process, tmp_path):
     torch.testing.assert_close(two.images, one_process.images, rtol=1e-3, atol=1e-4)
     metrics = (tmp_path / "two" / "metrics.jsonl").read_text()
     assert metrics.count('"event": "start"') == 1  # rank 0 alone writes
+    # the equality means something only if matching moved the images far beyond the tolerance
+    moved = [json.loads(line)["image_change"] for line in metrics.splitlines()
+             if '"event": "match"' in line]
+    assert len(moved) >= 2 and min(moved) > 0.02, moved
 
 
 # ----------------------------------------------------------------- spawned workers

@@ -125,8 +125,24 @@ def test_same_generator_state_same_draw():
 
 
 def test_cutmix_box_and_lambda():
-    x = torch.arange(2 * 16.0).view(2, 1, 4, 4)
-    mixed, perm, lam = dsa.cutmix(x, torch.Generator().manual_seed(3))
-    changed = (mixed != x).any(0).any(0)
-    assert 0.0 <= lam <= 1.0
-    assert changed.float().sum().item() <= (1 - lam) * 16 + 1e-6
+    """The pasted box comes from the permuted batch, is a rectangle, and lam is the share of
+    pixels left in place."""
+    x = torch.arange(4 * 64.0).view(4, 1, 8, 8)  # every pixel of every image differs
+    mixed_any = False
+    for seed in range(6):
+        mixed, perm, lam = dsa.cutmix(x, torch.Generator().manual_seed(seed))
+        assert 0.0 <= lam <= 1.0
+        box = None
+        for i in range(4):
+            changed = mixed[i, 0] != x[i, 0]
+            if perm[i] == i:
+                assert not changed.any()
+                continue
+            box = changed if box is None else box
+            assert torch.equal(changed, box)  # one box for the whole batch
+            assert torch.equal(mixed[i, 0][changed], x[perm[i], 0][changed])
+            assert changed.sum().item() == round((1 - lam) * 64)
+            rows, cols = changed.any(1).nonzero(), changed.any(0).nonzero()
+            assert changed.sum().item() == len(rows) * len(cols)  # a rectangle
+            mixed_any |= bool(changed.any())
+    assert mixed_any

@@ -1,0 +1,166 @@
+"""Trust: no code runs from a file we read, every bad input is one line and exit status 2, and
+nothing already written is lost (issue 11). Each test fails on the code before that issue."""
+import os
+import pickle
+import shutil
+import stat
+
+import pytest
+import torch
+
+from dasm.cli import main
+
+from conftest import SMOKE
+from test_cli import snapshot
+
+SEG2 = ["--set", "synthetic.ipc=4", "--set", "dasm.segments=2", "--set",
+        "data.train_per_class=40", "--set", "dasm.easy_drop=0.25", "--set", "dasm.hard_drop=0.1"]
+
+
+def one_error_line(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dasm: error:"), err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def two_segments(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trust") / "run"
+    assert main(["distill", "--config", SMOKE, "--out", str(out), *SEG2]) == 0
+    return out
+
+
+def interrupted_copy(run, tmp_path):
+    """The run as if killed after its last checkpoint: no synthetic set."""
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    (cut / "synthetic.safetensors").unlink()
+    return cut
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # would create a file when unpickled
+
+
+def test_planted_pickle_checkpoint_runs_no_code(two_segments, tmp_path, capsys):
+    cut = interrupted_copy(two_segments, tmp_path)
+    marker = tmp_path / "pwned"
+    (cut / "checkpoints" / "segment_002.pt").write_bytes(pickle.dumps(Payload(str(marker))))
+    code = main(["distill", "--config", SMOKE, "--out", str(cut), "--resume", *SEG2])
+    assert code == 2 and not marker.exists()
+    one_error_line(capsys, "segment_002.pt", "cannot be read safely")
+
+
+def test_truncated_checkpoint_is_one_line(two_segments, tmp_path, capsys):
+    cut = interrupted_copy(two_segments, tmp_path)
+    ck = cut / "checkpoints" / "segment_002.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    assert main(["distill", "--config", SMOKE, "--out", str(cut), "--resume", *SEG2]) == 2
+    one_error_line(capsys, "segment_002.pt")
+
+
+def test_stray_file_in_checkpoints_is_ignored(two_segments, tmp_path, capsys):
+    cut = interrupted_copy(two_segments, tmp_path)
+    (cut / "checkpoints" / "segment_old.pt").write_text("not ours")
+    assert main(["info", str(cut)]) == 0
+    assert '"segments_done": 2' in capsys.readouterr().out
+    assert main(["distill", "--config", SMOKE, "--out", str(cut), "--resume", *SEG2]) == 0
+    assert (cut / "synthetic.safetensors").exists()
+
+
+def test_only_the_newest_checkpoint_is_kept(two_segments):
+    assert sorted(os.listdir(two_segments / "checkpoints")) == ["segment_002.pt"]
+
+
+@pytest.mark.parametrize("where", ["file", "proc", "unwritable"])
+def test_unusable_out_is_one_line(tmp_path, capsys, where):
+    if where == "file":
+        out = tmp_path / "afile"
+        out.write_text("keep me")
+    elif where == "proc":
+        out = "/proc/dasm-test/run"
+    else:
+        if os.geteuid() == 0:  # root writes anywhere; a path below a regular file cannot exist
+            (tmp_path / "f").write_text("x")
+            out = tmp_path / "f" / "run"
+        else:
+            ro = tmp_path / "ro"
+            ro.mkdir()
+            ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+            out = ro / "run"
+    assert main(["distill", "--config", SMOKE, "--out", str(out)]) == 2
+    one_error_line(capsys, str(out) if where != "unwritable" else "run")
+    if where == "file":
+        assert out.read_text() == "keep me"
+
+
+def test_export_to_existing_file_is_one_line(two_segments, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    assert main(["export", str(two_segments), "--format", "ddranking", "--to", str(target)]) == 2
+    one_error_line(capsys, str(target), "not a directory")
+    assert target.read_text() == "keep me"
+
+
+def test_all_segments_inits_counted_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "big"
+    # Fashion-MNIST has 6000 training images per class; IPC 2000 x 4 tiles needs 8000
+    assert main(["distill", "--config", SMOKE, "--out", str(out), "--ipc", "2000",
+                 "--set", "data.train_per_class=0"]) == 2
+    one_error_line(capsys, "6000", "8000")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "-1"), ("--epochs", "0"),
+                                         ("--repeats", "0"), ("--full-data", "-1")])
+def test_evaluate_rejects_non_positive(two_segments, capsys, flag, value):
+    before = snapshot(two_segments)
+    assert main(["evaluate", str(two_segments), flag, value]) == 2
+    one_error_line(capsys, flag)
+    assert snapshot(two_segments) == before
+
+
+def test_corrupt_eval_json_is_kept_and_refused(two_segments, tmp_path, capsys):
+    run = tmp_path / "r"
+    shutil.copytree(two_segments, run)
+    (run / "eval.json").write_text('{"evaluations": [{"mean": 0.9}')  # truncated
+    before = (run / "eval.json").read_text()
+    assert main(["evaluate", str(run), "--repeats", "1"]) == 2
+    one_error_line(capsys, "eval.json", "corrupt")
+    assert (run / "eval.json").read_text() == before
+
+
+def test_stale_temporaries_removed_and_umask_honoured(two_segments, tmp_path):
+    cut = interrupted_copy(two_segments, tmp_path)
+    stale = [cut / ".synthetic.safetensors.abc123.tmp", cut / "checkpoints" / ".segment_003.pt.x.tmp"]
+    for p in stale:
+        p.write_text("half a file")
+        os.utime(p, (0, 0))
+    foreign = cut / "notes.tmp"
+    foreign.write_text("someone else's")
+    old = os.umask(0o022)
+    try:
+        assert main(["distill", "--config", SMOKE, "--out", str(cut), "--resume", *SEG2]) == 0
+    finally:
+        os.umask(old)
+    assert not any(p.exists() for p in stale) and foreign.exists()
+    mode = stat.S_IMODE((cut / "synthetic.safetensors").stat().st_mode)
+    assert mode == 0o644, oct(mode)
+
+
+def test_same_seed_same_bytes(two_segments, tmp_path):
+    again = tmp_path / "again"
+    assert main(["distill", "--config", SMOKE, "--out", str(again), *SEG2]) == 0
+    a = (two_segments / "synthetic.safetensors").read_bytes()
+    assert a == (again / "synthetic.safetensors").read_bytes()
+
+
+def test_checkpoints_load_without_pickle_code(two_segments):
+    state = torch.load(two_segments / "checkpoints" / "segment_002.pt", weights_only=True)
+    assert set(state) == {"segment", "stored", "used", "generator", "identity"}
