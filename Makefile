@@ -53,7 +53,7 @@ demo: install data
 		| tee -a $(DEMO)/summary.txt
 
 bench: install data
-	$(PY) benchmarks/matching_cpu.py
+	$(PY) -m pytest benchmarks/bench_matching_cpu.py -s
 
 clean:
 	rm -rf build *.egg-info dasm/_C*.so runs

@@ -156,7 +156,7 @@ def main():
                 cfg = run_config(base, method, ipc, seed)
                 resolved = resolve(cfg.replace(**({"synthetic.factor": 1, "dasm.segments": 1}
                                                   if METHODS[method] is None else {})),
-                                   ds.name, ds.image_size, torch.cuda.is_available())
+                                   ds.name, ds.image_size, torch.cuda.is_available(), ds.channels)
                 # distilled runs are named by what defines them, so equal configs share a run
                 kind = "distill" if METHODS[method] is not None else method
                 run = RunDir(runs_root / f"{kind}-ipc{ipc}-seed{seed}-{resolved.identity()}")
@@ -216,7 +216,7 @@ def report(path: Path, name: str, split: str, ipcs, methods, ablation: bool, pro
 
 def full_data(base, ds, runs_root: Path, epochs: int):
     """The evaluation network trained on the whole training set (cached), and its record."""
-    cfg = resolve(base, ds.name, ds.image_size, torch.cuda.is_available())
+    cfg = resolve(base, ds.name, ds.image_size, torch.cuda.is_available(), ds.channels)
     path = runs_root / f"full-data-model-{epochs}ep-{cfg.identity()}.pt"
     t0 = time.perf_counter()
     if path.exists():

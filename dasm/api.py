@@ -88,9 +88,10 @@ def _safe_name(name: str) -> str:
 
 def export(run_dir: str | Path, fmt: str, to: str | Path) -> Path:
     """Write what other tools read. ``ddranking``: ``images.pt`` (decoded, normalised,
-    class-major ``[N, ch, H, W]`` float32) and ``labels.pt`` (``[N]`` int64) in folder ``to``;
-    ``imagefolder``: ``to/<class>/<i>.png`` of the decoded images in [0, 1]. Refuses to write
-    over existing files."""
+    class-major ``[N, ch, H, W]`` float32), ``labels.pt`` (``[N]`` int64) and ``meta.json``
+    (mean, std, classes, ipc, factor, ``normalised: true``) in folder ``to``; ``imagefolder``:
+    ``to/train/<NNN>-<class>/<i>.png`` of the decoded images (8-bit), which
+    ``--dataset imagefolder:<to>`` reads back. Refuses to write over existing files."""
     run = RunDir(run_dir)
     sset = SyntheticSet.load(run.synthetic)
     to = Path(to)
@@ -104,13 +105,18 @@ def export(run_dir: str | Path, fmt: str, to: str | Path) -> Path:
 
 def _export(sset: SyntheticSet, fmt: str, to: Path) -> Path:
     if fmt == "ddranking":
-        targets = [to / "images.pt", to / "labels.pt"]
+        targets = [to / "images.pt", to / "labels.pt", to / "meta.json"]
         clash = [p for p in targets if p.exists()]
         if clash:
             raise DasmError(f"export: {clash[0]} exists; choose another --to")
         x, y = sset.decoded(normalize=True)
         io.torch_save(x.cpu().contiguous(), targets[0])
         io.torch_save(y.cpu(), targets[1])
+        io.write_json(targets[2], {  # what a reader needs to use images.pt correctly
+            "normalised": True, "mean": list(sset.mean), "std": list(sset.std),
+            "classes": sset.classes, "ipc": sset.ipc, "factor": sset.factor,
+            "decoded_per_class": sset.decoded_per_class, "layout": "class-major [N, ch, H, W]",
+            "dataset": sset.dataset})
         return to
     if fmt == "imagefolder":
         from PIL import Image
@@ -123,8 +129,10 @@ def _export(sset: SyntheticSet, fmt: str, to: Path) -> Path:
         try:
             counts: dict[int, int] = {}
             for img, label in zip(x.clamp(0, 1).cpu(), y.tolist()):
-                folder = tmp / _safe_name(sset.classes[label] if sset.classes else str(label))
-                folder.mkdir(exist_ok=True)
+                # train/<NNN>-<class>: the layout imagefolder: reads, classes in label order
+                name = _safe_name(sset.classes[label] if sset.classes else str(label))
+                folder = tmp / "train" / f"{label:03d}-{name}"
+                folder.mkdir(parents=True, exist_ok=True)
                 i = counts[label] = counts.get(label, -1) + 1
                 arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
                 Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(folder / f"{i:05d}.png")
@@ -166,7 +174,7 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     from .rules import resolve
 
     ds = dataset_from_config(cfg.data)
-    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available())
+    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available(), ds.channels)
     runtime.apply(cfg)
     progress = cfg.runtime.progress if progress is None else progress
     device = torch.device(cfg.device)

@@ -107,12 +107,15 @@ def _print_eval(summary: dict) -> None:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import api, baselines, schedule
+    from .rundir import RunDir
 
     if args.command == "distill":
         cfg = _load(args)
         sset = schedule.distill(cfg, args.out, resume=args.resume)
+        m = RunDir(args.out).load_config().match
         print(f"distilled {sset.num_classes} x {sset.ipc} images (factor {sset.factor}, segments "
-              f"{sset.segment_sizes}) -> {args.out}/synthetic.safetensors")
+              f"{sset.segment_sizes}; metric {m.metric}, lr_img {m.lr_img:.3g}) -> "
+              f"{args.out}/synthetic.safetensors")
     elif args.command == "evaluate":
         from .config import parse_overrides
 

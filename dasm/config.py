@@ -35,6 +35,8 @@ class DataConfig:
     holdout_per_class: int = 0  # n > 0: hold n train images per class out and test on them
     test_limit: int = 0  # 0: the whole test split; n: its first n images (smoke runs)
     split_seed: int = 0  # seed of the subset/holdout draws (part of the dataset's definition)
+    channels: int = 0  # imagefolder: 0 = colour if any image is colour, else 1; or 1 / 3
+    image_size: int = 0  # imagefolder: 0 = the most common size; n = resize to n x n
 
 
 @dataclass
@@ -50,7 +52,7 @@ class ModelConfig:
 @dataclass
 class SyntheticConfig:
     ipc: int = 10  # stored images per class
-    factor: int = 2  # multi-formation: each stored image holds factor x factor tiles
+    factor: Union[int, str] = AUTO  # multi-formation tiles per side; auto: 2, 1 below 16 px
     init: str = _choice("mix", "mix", "real", "noise")
 
 
@@ -169,6 +171,7 @@ class Config:
 
 
 IDENTITY_EXCLUDES = ("runtime", "dist")
+BENCHMARK_SECTION = "benchmark"  # in profile files: the benchmark's settings, ignored by runs
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -315,6 +318,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        # a profile's benchmark section configures benchmarks/accuracy.py, not a run
+        if not isinstance(data.pop(BENCHMARK_SECTION, {}) or {}, dict):
+            raise ConfigError(f"config file {p}: '{BENCHMARK_SECTION}' must be a mapping")
     merged = dict(extra or {})
     merged.update(parse_overrides(overrides))
     return from_dict(with_overrides(data, merged))
@@ -337,7 +343,12 @@ def _fraction_list(value, key):
 def validate(cfg: Config) -> None:
     """Range checks that do not need the dataset. Raises ConfigError naming the key."""
     _positive(cfg.synthetic.ipc, "synthetic.ipc")
-    _positive(cfg.synthetic.factor, "synthetic.factor")
+    if isinstance(cfg.synthetic.factor, str):
+        if cfg.synthetic.factor != AUTO:
+            raise ConfigError(f"config key 'synthetic.factor' must be a positive integer or "
+                              f"'auto', got {cfg.synthetic.factor!r}")
+    else:
+        _positive(cfg.synthetic.factor, "synthetic.factor")
     m = cfg.match
     _positive(m.iterations, "match.iterations")
     _positive(m.inner_steps, "match.inner_steps")
@@ -387,7 +398,9 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= e.cutmix <= 1.0:
         raise ConfigError(f"config key 'eval.cutmix' must lie in [0, 1], got {e.cutmix}")
     dc = cfg.data
-    for key in ("train_per_class", "holdout_per_class", "test_limit"):
+    if dc.channels not in (0, 1, 3):
+        raise ConfigError(f"config key 'data.channels' must be 0 (auto), 1 or 3, got {dc.channels}")
+    for key in ("train_per_class", "holdout_per_class", "test_limit", "image_size"):
         _positive(getattr(dc, key), f"data.{key}", allow_zero=True)
     _positive(cfg.runtime.threads, "runtime.threads", allow_zero=True)
     _positive(cfg.dist.timeout_s, "dist.timeout_s")

@@ -219,7 +219,16 @@ def _load_digits(root: Path, download: bool):
     return (*_stratified_split(images, labels, 0.2, seed=0), DIGIT_CLASSES)
 
 
-def _load_imagefolder(path: Path):
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _load_imagefolder(path: Path, channels: int = 0, image_size: int = 0):
+    """``root/{train,test|val}/<class>/*.png``, torchvision's conventions: every image converted
+    to one mode (RGB if any image is colour, else L; ``channels`` forces 1 or 3) and resized
+    bilinearly to one size (``image_size`` x ``image_size``, default the most common size)."""
+    from collections import Counter
+
     from PIL import Image
 
     splits = {"train": path / "train"}
@@ -227,36 +236,51 @@ def _load_imagefolder(path: Path):
         if (path / name).is_dir():
             splits["test"] = path / name
             break
-    if not splits["train"].is_dir() or "test" not in splits:
-        raise DataError(f"imagefolder {path}: needs sub-folders train/ and test/ (or val/)")
+    if not splits["train"].is_dir():
+        raise DataError(f"imagefolder {path}: needs a sub-folder train/ (and test/ or val/ to "
+                        f"evaluate on)")
     classes = sorted(p.name for p in splits["train"].iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"imagefolder {path}/train: no class folders")
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-    out, mode, size = [], None, None
+    if len(classes) < 2:
+        raise DataError(f"imagefolder {path}/train: {len(classes)} class folder(s); "
+                        f"classification needs at least 2")
+    files = {split: [(f, c) for c, cname in enumerate(classes)
+                     for f in sorted((splits[split] / cname).iterdir())
+                     if (splits[split] / cname).is_dir() and f.suffix.lower() in IMAGE_EXTS]
+             for split in splits}
+    modes, sizes = Counter(), Counter()
+    for f, _ in [x for split in files.values() for x in split]:
+        try:
+            with Image.open(f) as im:
+                modes[im.mode] += 1
+                sizes[(im.height, im.width)] += 1
+        except OSError as e:
+            raise DataError(f"imagefolder: cannot read image {f}: {e}") from None
+    colour = any(m not in GRAY_MODES for m in modes)
+    mode = {1: "L", 3: "RGB"}.get(channels, "RGB" if colour else "L")
+    size = (image_size, image_size) if image_size else sizes.most_common(1)[0][0] if sizes else None
+    if len(sizes) > 1 or len(modes) > 1:
+        import sys
+        print(f"dasm: imagefolder {path}: {sum(sizes.values())} images of {len(sizes)} size(s) "
+              f"and mode(s) {', '.join(sorted(modes))}: using {mode}, {size[1]}x{size[0]}",
+              file=sys.stderr)
+    out = []
     for split in ("train", "test"):
-        imgs, labels = [], []
-        for c, cname in enumerate(classes):
-            folder = splits[split] / cname
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in exts) \
-                if folder.is_dir() else []
-            for f in files:
-                try:
-                    with Image.open(f) as im:
-                        mode = mode or ("L" if im.mode in ("L", "1", "I;16") else "RGB")
-                        arr = np.asarray(im.convert(mode))
-                except OSError as e:
-                    raise DataError(f"imagefolder: cannot read image {f}: {e}") from None
-                size = size or arr.shape[:2]
-                if arr.shape[:2] != size:
-                    raise DataError(f"imagefolder: {f} is {arr.shape[1]}x{arr.shape[0]}, the "
-                                    f"others {size[1]}x{size[0]}; resize the folder first")
-                imgs.append(arr if arr.ndim == 3 else arr[:, :, None])
-                labels.append(c)
-        if not imgs:
+        if split not in splits:  # a train-only folder (an exported set): no test images
+            out += [torch.zeros(0, len(mode), *size, dtype=torch.uint8),
+                    torch.zeros(0, dtype=torch.int64)]
+            continue
+        if not files[split]:
             raise DataError(f"imagefolder {splits[split]}: no images")
+        imgs = []
+        for f, _ in files[split]:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if (im.height, im.width) != size:
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                arr = np.asarray(im)
+            imgs.append(arr if arr.ndim == 3 else arr[:, :, None])
         out.append(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous())
-        out.append(torch.tensor(labels, dtype=torch.int64))
+        out.append(torch.tensor([c for _, c in files[split]], dtype=torch.int64))
     return (*out, classes)
 
 
@@ -283,7 +307,7 @@ def canonical_name(name: str) -> str:
 
 def load_dataset(name: str = "fashion-mnist", root: str | Path = "data", download: bool = False,
                  train_per_class: int = 0, holdout_per_class: int = 0, test_limit: int = 0,
-                 split_seed: int = 0) -> Dataset:
+                 split_seed: int = 0, channels: int = 0, image_size: int = 0) -> Dataset:
     """Load a dataset into memory.
 
     ``train_per_class`` keeps a seeded subset of the training images of each class;
@@ -297,7 +321,7 @@ def load_dataset(name: str = "fashion-mnist", root: str | Path = "data", downloa
         folder = Path(key.split(":", 1)[1]).expanduser()
         if not folder.is_dir():
             raise DataError(f"imagefolder: folder {folder} does not exist")
-        tx, ty, vx, vy, classes = _load_imagefolder(folder)
+        tx, ty, vx, vy, classes = _load_imagefolder(folder, channels, image_size)
     else:
         if not root.exists() and key not in ("fashion-mnist", "mnist5k", "digits") and not download:
             raise DataError(f"data root {root} does not exist (dataset {key}; pass --download "
@@ -347,4 +371,5 @@ def subset(ds: Dataset, train_per_class: int = 0, holdout_per_class: int = 0,
 
 def dataset_from_config(data_cfg) -> Dataset:
     return load_dataset(data_cfg.name, data_cfg.root, data_cfg.download, data_cfg.train_per_class,
-                        data_cfg.holdout_per_class, data_cfg.test_limit, data_cfg.split_seed)
+                        data_cfg.holdout_per_class, data_cfg.test_limit, data_cfg.split_seed,
+                        data_cfg.channels, data_cfg.image_size)

@@ -6,6 +6,7 @@
 key                    rule
 =====================  =================================================================
 device                 cuda when a CUDA device is present, else cpu
+synthetic.factor       2 (IDC), 1 for images under 16 px (8x8 digits lose 21 points with 2)
 match.metric           l1 for MNIST-likes, mse otherwise
 match.lr_img           1e-4 (MNIST-likes) or 5e-3, x (ipc/10) x (size/base)^2 x lr_img_scale;
                        base 28 for MNIST, 32 otherwise; ipc: the largest segment's
@@ -15,6 +16,11 @@ eval.augment           color_crop_cutout_flip_scale_rotate, without cutout when 
                        without flip for digit sets and SVHN
 dasm.segments          the number of segments ``segments: auto`` gives (dasm.plan)
 =====================  =================================================================
+
+"MNIST-like" and the size base follow IDC's own table for the datasets it names (MNIST,
+Fashion-MNIST, CIFAR-10/100, SVHN). Any other data (an ImageFolder, the 8x8 digits) is ruled by
+what it is: grayscale images of at most 32 px get the MNIST rule (l1, 1e-4, base 28), anything
+else the CIFAR rule (mse, 5e-3, base 32). So MNIST read from a folder gets MNIST's method.
 """
 from __future__ import annotations
 
@@ -28,22 +34,37 @@ from .errors import ConfigError
 from .plan import segment_sizes
 
 
+IDC_TABLE = {"mnist": (True, 28), "mnist5k": (True, 28), "fashion-mnist": (True, 32),
+             "cifar10": (False, 32), "cifar100": (False, 32), "svhn": (False, 32)}
+SMALL_IMAGE = 16  # factor auto: 1 below this many pixels per side
+assert set(MNIST_LIKE) == {k for k, (m, _) in IDC_TABLE.items() if m}
+
+
 @dataclass(frozen=True)
 class DataFacts:
     """What the rules know of the dataset."""
 
     family: str  # registry name without an imagefolder path
     image_size: tuple[int, int]
+    channels: int
     cuda: bool
 
     @property
+    def idc_rule(self) -> tuple[bool, int]:
+        """``(MNIST-like, size base)``: IDC's table entry, or what the pixels say."""
+        if self.family in IDC_TABLE:
+            return IDC_TABLE[self.family]
+        gray_small = self.channels == 1 and max(self.image_size) <= 32
+        return (True, 28) if gray_small else (False, 32)
+
+    @property
     def mnist_like(self) -> bool:
-        return self.family in MNIST_LIKE
+        return self.idc_rule[0]
 
 
 def _lr_img(d: dict, facts: DataFacts) -> float:
     base = 1e-4 if facts.mnist_like else 5e-3
-    size_base = 28 if facts.family in ("mnist", "mnist5k") else 32
+    size_base = facts.idc_rule[1]
     ipc = max(segment_sizes(d["synthetic"]["ipc"], d["dasm"]["segments"]))
     return base * (ipc / 10) * (facts.image_size[0] / size_base) ** 2 * d["match"]["lr_img_scale"]
 
@@ -65,6 +86,7 @@ def _eval_augment(d: dict, facts: DataFacts) -> str:
 Rule = Callable[[dict, DataFacts], Any]
 RULES: list[tuple[str, Rule]] = [
     ("device", lambda d, f: "cuda" if f.cuda else "cpu"),
+    ("synthetic.factor", lambda d, f: 1 if min(f.image_size) < SMALL_IMAGE else 2),
     ("match.metric", lambda d, f: "l1" if f.mnist_like else "mse"),
     ("match.lr_img", _lr_img),
     ("match.augment", lambda d, f: "color_crop_cutout"),
@@ -82,11 +104,12 @@ def _node(d: dict, key: str) -> tuple[dict, str]:
     return d, leaf
 
 
-def resolve(cfg: Config, dataset_name: str, image_size: tuple[int, int], cuda: bool) -> Config:
+def resolve(cfg: Config, dataset_name: str, image_size: tuple[int, int], cuda: bool,
+            channels: int = 1) -> Config:
     """``cfg`` with every ``auto`` filled by :data:`RULES`; the result is what a run saves."""
     if cfg.device == "cuda" and not cuda:
         raise ConfigError("config key 'device': cuda was asked for but no CUDA device is present")
-    facts = DataFacts(dataset_name.split(":", 1)[0], tuple(image_size), cuda)
+    facts = DataFacts(dataset_name.split(":", 1)[0], tuple(image_size), channels, cuda)
     d = cfg.to_dict()
     for key, rule in RULES:
         node, leaf = _node(d, key)

@@ -153,7 +153,7 @@ def prepare(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None 
     refused (nothing is overwritten); with ``resume`` its saved config must have this identity.
     """
     ds = dataset if dataset is not None else dataset_from_config(cfg.data)
-    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available())
+    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available(), ds.channels)
     preflight(cfg, ds)
     ctx = distributed.init_from_env(cfg.dist.backend, cfg.dist.timeout_s)
     run = RunDir(out)

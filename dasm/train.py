@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import dsa, ops, rng
 from .dsa import Strategy
 from .data import Dataset, normalize, to_float
+from .errors import DataError
 from .models import build_model, model_options
 
 
@@ -176,6 +177,8 @@ def evaluate_images(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
                     repeats: int | None = None, tag: str = "eval", progress: bool = False) -> dict:
     """Train ``repeats`` fresh networks on ``images``/``labels`` by the evaluation protocol and
     test each on ``dataset``'s test split. Returns a JSON-ready summary."""
+    if dataset.test_images.shape[0] == 0:
+        raise DataError(f"{dataset.name} has no test images to evaluate on")
     device = torch.device(cfg.device)
     mean, std = dataset.mean_std(device)
     spec = eval_model_spec(cfg, model_name)
