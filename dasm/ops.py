@@ -3,18 +3,20 @@
 =========================  ==========================================================  =========
 op                         what it computes                                            backends
 =========================  ==========================================================  =========
-decode_augment             stored images -> decoded, normalised, DSA-augmented batch   reference, triton
-grad_distance              flat per-class gradients -> per-class match distance        reference, triton
-sample_scores              logits, labels -> per-sample loss, EL2N, margin             reference, triton
+decode_augment             stored images -> decoded, normalised, DSA-augmented batch   reference, triton, compile
+grad_distance              flat per-class gradients -> per-class match distance        reference, triton, compile
+sample_scores              logits, labels -> per-sample loss, EL2N, margin             reference, triton, compile
 accumulate_class_grads     per-layer gradients -> rows of a flat ``[C, P]`` buffer      reference, ext
-instance_norm_relu_pool    instance norm + ReLU (+ 2x2 average pool), twice            reference, ext
-                           differentiable
+instance_norm_relu_pool    instance norm + ReLU (+ 2x2 average pool), twice            reference, ext (CPU),
+                           differentiable                                              triton, compile*
 =========================  ==========================================================  =========
 
 ``reference`` is pure PyTorch and the specification; ``triton`` kernels live in
 :mod:`dasm.kernels` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``ext`` is the
-compiled extension :mod:`dasm._C`. ``auto`` picks the fastest backend that is available and
-applicable. ``DASM_BACKEND`` (or :func:`set_backend`, fed by the config key ``backend``) forces
+compiled extension :mod:`dasm._C`; ``compile`` is ``torch.compile`` of the reference, on CUDA,
+never chosen by ``auto`` (force it per op where the GPU benchmark shows it ahead; *torch.compile
+has no double backward, so the compiled block serves evaluation and scoring, not matching).
+``auto`` picks the fastest backend that is available and applicable. ``DASM_BACKEND`` (or :func:`set_backend`, fed by the config key ``backend``) forces
 one: ``reference``, ``triton``, ``ext``, or per op, ``grad_distance=triton,decode_augment=reference``.
 A forced backend that cannot run an op it implements is a :class:`BackendUnavailable` error, never a
 silent fallback; ops that a forced backend does not implement use the reference.
@@ -33,24 +35,25 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _ext, dsa
+from . import _ext, dsa, fused_block
 from ._ext import ext, ext_error
 from .data import normalize
 from .formation import tile_shape
 from .errors import BackendUnavailable, ConfigError
 
-BACKENDS = ("reference", "triton", "ext")
+BACKENDS = ("reference", "triton", "ext", "compile")
 OPS = ("decode_augment", "grad_distance", "sample_scores", "accumulate_class_grads",
        "instance_norm_relu_pool")
 # Which backends implement each op, in the order ``auto`` tries them.
 IMPLEMENTED = {
-    "decode_augment": ("triton", "reference"),
-    "grad_distance": ("triton", "reference"),
-    "sample_scores": ("triton", "reference"),
+    "decode_augment": ("triton", "compile", "reference"),
+    "grad_distance": ("triton", "compile", "reference"),
+    "sample_scores": ("triton", "compile", "reference"),
     "accumulate_class_grads": ("ext", "reference"),
-    "instance_norm_relu_pool": ("ext", "reference"),
+    "instance_norm_relu_pool": ("ext", "triton", "compile", "reference"),
 }
 METRICS = ("l1", "mse", "cos")
+TRITON_MAX_PLANE = 16384  # kernels/instance_norm_relu_pool.py holds a plane in registers
 COS_EPS = 1e-6
 
 
@@ -132,6 +135,10 @@ def _applicable(op: str, backend: str, device: torch.device) -> str | None:
         if device.type == "cuda" or (device.type == "cpu" and _interpret()):
             return None
         return f"triton runs on CUDA tensors (got {device.type})"
+    if backend == "compile":
+        if not hasattr(torch, "compile"):
+            return "this torch has no torch.compile"
+        return None if device.type == "cuda" else f"compile is offered on CUDA tensors (got {device.type})"
     if backend == "ext":
         mod = ext()
         if mod is None:
@@ -151,8 +158,8 @@ def backend_for(op: str, device: torch.device | str) -> str:
     pref = _preference(op)
     if pref == "auto":
         for b in IMPLEMENTED[op]:
-            if b == "triton" and device.type != "cuda":
-                continue  # the interpreter is for tests, never an automatic choice
+            if (b == "triton" and device.type != "cuda") or b == "compile":
+                continue  # the interpreter is for tests; compile is chosen by measurement
             reason = _applicable(op, b, device)
             if reason is None:
                 return b
@@ -176,6 +183,16 @@ def backend_table(device: torch.device | str) -> dict[str, str]:
 
 def _kernel(name: str):
     return importlib.import_module(f"dasm.kernels.{name}")
+
+
+_compiled_refs: dict[str, Callable] = {}
+
+
+def _compiled(op: str) -> Callable:
+    """``torch.compile`` of the reference of ``op`` (compiled once per process)."""
+    if op not in _compiled_refs:
+        _compiled_refs[op] = torch.compile(reference(op), dynamic=True)
+    return _compiled_refs[op]
 
 
 # ================================================================================ layout
@@ -301,6 +318,8 @@ def decode_augment(stored: torch.Tensor, factor: int = 1, sel: torch.Tensor | No
     b = backend_for("decode_augment", stored.device)
     if b == "triton":
         return _kernel("decode_augment").decode_augment(stored, factor, sel, params, mean, std)
+    if b == "compile":
+        return _compiled("decode_augment")(stored, factor, sel, params, mean, std)
     return _decode_augment_reference(stored, factor, sel, params, mean, std)
 
 
@@ -319,6 +338,8 @@ def grad_distance(gr: torch.Tensor, gs: torch.Tensor, layout: GradLayout,
     b = backend_for("grad_distance", gs.device)
     if b == "triton":
         return _kernel("grad_distance").grad_distance(gr, gs, layout, metric)
+    if b == "compile":
+        return _compiled("grad_distance")(gr.detach(), gs, layout, metric)
     return _grad_distance_reference(gr.detach(), gs, layout, metric)
 
 
@@ -328,6 +349,8 @@ def sample_scores(logits: torch.Tensor, labels: torch.Tensor):
     b = backend_for("sample_scores", logits.device)
     if b == "triton":
         return _kernel("sample_scores").sample_scores(logits, labels)
+    if b == "compile":
+        return _compiled("sample_scores")(logits, labels)
     return _sample_scores_reference(logits, labels)
 
 
@@ -356,8 +379,19 @@ def instance_norm_relu_pool(z: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if ``pool``, 2x2 average pooling. ``z [N, C, H, W]`` -> ``[N, C, H', W']``. Differentiable
     twice with respect to ``z`` (gradient matching backpropagates through its backward)."""
     b = backend_for("instance_norm_relu_pool", z.device)
+    if b == "triton" and z.shape[-2] * z.shape[-1] > TRITON_MAX_PLANE:
+        if _preference("instance_norm_relu_pool") == "triton":
+            raise BackendUnavailable(f"backend 'triton' was forced for instance_norm_relu_pool "
+                                     f"but planes of {z.shape[-2]}x{z.shape[-1]} exceed "
+                                     f"{TRITON_MAX_PLANE} values")
+        b = "reference"
     if b == "ext":
-        return _ext.instance_norm_relu_pool(z, weight, bias, pool, eps)
+        return fused_block.instance_norm_relu_pool(z, weight, bias, pool, eps, _ext.BlockKernels)
+    if b == "triton":
+        return fused_block.instance_norm_relu_pool(z, weight, bias, pool, eps,
+                                                   _kernel("instance_norm_relu_pool"))
+    if b == "compile":
+        return _compiled("instance_norm_relu_pool")(z, weight, bias, pool, eps)
     return _inrp_reference(z, weight, bias, pool, eps)
 
 

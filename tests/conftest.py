@@ -52,6 +52,35 @@ def tiny_ds() -> Dataset:
     return random_dataset()
 
 
+def block_derivatives(fn, z0, w0, b0, pool, seed=1):
+    """``fn(z, w, b, pool)``'s output, first derivatives (z, w, b) for a random output
+    gradient, and second derivatives (z, output gradient, w) of a random projection of dz."""
+    z, w, b = (t.clone().requires_grad_() for t in (z0, w0, b0))
+    out = fn(z, w, b, pool)
+    gen = torch.Generator().manual_seed(seed)
+    go = torch.randn(out.shape, generator=gen).to(z0.device).requires_grad_()
+    gz, gw, gb = torch.autograd.grad(out, (z, w, b), go, create_graph=True)
+    v = torch.randn(gz.shape, generator=gen).to(z0.device)
+    uz, ugo, uw = torch.autograd.grad((gz * v).sum(), (z, go, w))
+    return out, gz, gw, gb, uz, ugo, uw
+
+
+def assert_block_matches_reference(fused, pool, size, device="cpu", rtol=1e-4, atol=1e-5):
+    """A fused block (``fused(z, w, b, pool, eps)``) against the reference, values and first
+    and second derivatives, on a fresh random case."""
+    from dasm import ops
+
+    ref = ops.reference("instance_norm_relu_pool")
+    g = torch.Generator().manual_seed(sum(size) + pool)
+    z0 = torch.randn(2, 3, *size, generator=g).to(device)
+    w0 = torch.randn(3, generator=g).to(device)
+    b0 = (torch.randn(3, generator=g) * 0.5).to(device)
+    want = block_derivatives(lambda *a: ref(*a, 1e-5), z0, w0, b0, pool)
+    got = block_derivatives(lambda *a: fused(*a, 1e-5), z0, w0, b0, pool)
+    for name, a, b in zip(("out", "dz", "dw", "db", "ddz", "ddg", "ddw"), want, got):
+        torch.testing.assert_close(b.cpu(), a.cpu(), rtol=rtol, atol=atol, msg=name)
+
+
 def smoke_config(*overrides):
     return load_config(SMOKE, list(overrides))
 

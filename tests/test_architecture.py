@@ -18,7 +18,8 @@ FLOORS = [  # top to bottom
     {"train", "scoring", "synthetic"},
     {"models", "runtime", "rules"},
     {"config", "ops"},
-    {"data", "dsa", "plan", "formation", "_ext", "distributed", "image_optim"},
+    {"data", "dsa", "plan", "formation", "_ext", "distributed", "image_optim",
+     "fused_block"},
     {"errors", "io", "rng", "version"},
 ]
 FLOOR = {m: i for i, floor in enumerate(FLOORS) for m in floor}

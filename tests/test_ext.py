@@ -5,6 +5,8 @@ import torch
 
 from dasm import ops
 
+from conftest import assert_block_matches_reference
+
 ext = ops.ext()
 pytestmark = pytest.mark.skipif(ext is None, reason=f"dasm._C not built: {ops.ext_error()}")
 
@@ -80,31 +82,20 @@ def test_accumulate_cuda_matches_reference():
     torch.testing.assert_close(got, want)
 
 
+def ext_block(z, w, b, pool, eps):
+    from dasm import _ext, fused_block
+
+    return fused_block.instance_norm_relu_pool(z, w, b, pool, eps, _ext.BlockKernels)
+
+
 @pytest.mark.parametrize("pool, size", [(True, (8, 8)), (False, (5, 7)), (True, (7, 9)),
                                         (True, (32, 32))])
 def test_block_forward_backward_double_backward(pool, size):
-    from dasm._ext import instance_norm_relu_pool as fused
-
-    ref = ops.reference("instance_norm_relu_pool")
-    g = torch.Generator().manual_seed(0)
-    z0 = torch.randn(3, 4, *size, generator=g)
-    w0, b0 = torch.randn(4, generator=g), torch.randn(4, generator=g) * 0.5
-    results = []
-    for fn in (lambda *a: ref(*a, 1e-5), lambda *a: fused(*a, 1e-5)):
-        z, w, b = (t.clone().requires_grad_() for t in (z0, w0, b0))
-        out = fn(z, w, b, pool)
-        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        gz, gw, gb = torch.autograd.grad(out, (z, w, b), go, create_graph=True)
-        v = torch.randn(gz.shape, generator=torch.Generator().manual_seed(2))
-        uz, ugo, uw = torch.autograd.grad((gz * v).sum(), (z, go, w))
-        results.append((out, gz, gw, gb, uz, ugo, uw))
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert_block_matches_reference(ext_block, pool, size)
 
 
 def test_block_rejects_second_order_through_affine_grads():
-    from dasm._ext import instance_norm_relu_pool as fused
-
+    fused = ext_block
     z = torch.randn(2, 3, 4, 4, requires_grad=True)
     w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
     out = fused(z, w, b, True, 1e-5)

@@ -15,7 +15,7 @@ from conftest import ROOT
 def test_wheel_from_the_readme_command(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH", "DASM_NO_EXT")}
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps",
                         "-w", str(tmp_path / "wheels"), ROOT],
                        capture_output=True, text=True, env=env, timeout=2400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
