@@ -1,9 +1,10 @@
-"""GPU benchmarks of the Triton kernels and the matching step (PROTOCOL.md, issue 5).
+"""GPU benchmarks of the Triton kernels and the matching step (PROTOCOL.md, issues 5 and 13).
 
 Each op against its reference (eager) and ``torch.compile`` of the reference, forward and
-forward+backward, ``triton.testing.do_bench`` medians, and the fraction of the measured
-device-to-device copy bandwidth reached; then one full matching step with the triton backend
-against the reference backend.
+forward+backward (the fused block also with the double backward matching needs),
+``triton.testing.do_bench`` medians, and the fraction of the measured device-to-device copy
+bandwidth reached; then the matching step of the last segment at IPC 50 and 1000 (every frozen
+image in the step) per backend and class batching: ms, class-steps/s, max memory allocated.
 
     python benchmarks/kernels.py [--out results/kernels-gpu.json] [--quick]
 """
@@ -133,38 +134,90 @@ def bench_decode_augment(bw, rows, stored_n=2048, factor=2, size=28):
         time_variants(f"decode_augment {strategy} M={M}", impl, nbytes, bw, rows, backward=fb)
 
 
-def bench_matching_step(rows, ipc=50, width=128, steps=5):
+def bench_block(bw, rows, n=512, c=128, size=28):
+    """instance_norm_relu_pool: forward, fwd+bwd, and fwd+bwd+double backward (what matching
+    runs); torch.compile has no double backward, so it is timed on the first two only."""
+    from dasm import fused_block, ops
+    from dasm.kernels import instance_norm_relu_pool as kb
+
+    ref = ops.reference("instance_norm_relu_pool")
+    z = torch.randn(n, c, size, size, device="cuda").requires_grad_()
+    w = torch.rand(c, device="cuda").add_(0.5).requires_grad_()
+    b = torch.randn(c, device="cuda").mul_(0.1).requires_grad_()
+    comp = compiled(lambda z_, w_, b_: ref(z_, w_, b_, True, 1e-5))
+    impl = {"eager": lambda: ref(z, w, b, True, 1e-5),
+            "compile": (lambda: comp(z, w, b)) if comp else None,
+            "triton": lambda: fused_block.instance_norm_relu_pool(z, w, b, True, 1e-5, kb)}
+
+    def fb(label):
+        f = impl.get(label)
+        return None if f is None else (lambda: torch.autograd.grad(f().sum(), (z, w, b)))
+
+    nbytes = z.numel() * 4 * 5 // 4  # read z, write the pooled output
+    time_variants(f"instance_norm_relu_pool N={n} C={c} {size}x{size}", impl, nbytes, bw, rows,
+                  backward=fb)
+    v = torch.randn(n, c, size, size, device="cuda")
+    for label in ("eager", "triton"):
+        def fbb(f=impl[label]):
+            out = f()
+            gz, = torch.autograd.grad(out, (z,), torch.ones_like(out), create_graph=True)
+            return torch.autograd.grad((gz * v).sum(), (z, w))
+        try:
+            rows.append({"op": f"instance_norm_relu_pool N={n} C={c} {size}x{size}",
+                         "variant": label, "pass": "fwd+bwd+2bwd", "ms": round(bench(fbb), 4)})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"op": "instance_norm_relu_pool", "variant": label,
+                         "pass": "fwd+bwd+2bwd", "error": str(e)[:80]})
+
+
+def bench_matching_step(rows, ipc=50, segment=50, width=128, steps=5,
+                        variants=(("reference", "vmap"), ("auto", "vmap"),
+                                  ("auto", "sequential"))):
+    """One matching step of the last segment (``segment`` trainable, ``ipc - segment`` frozen
+    stored images per class, every frozen image taking part): seconds, class-steps per second
+    and ``torch.cuda.max_memory_allocated``, per (backend, class batching)."""
     from dasm import ops
     from dasm.config import load_config
-    from dasm.rules import resolve
     from dasm.data import load_dataset
     from dasm.matching import Matcher
+    from dasm.rules import resolve
 
     root = os.environ.get("DASM_DATA_ROOT", "data")
     ds = load_dataset("fashion-mnist", root=root)
-    cfg = resolve(load_config(None, [f"synthetic.ipc={ipc}", f"model.width={width}",
-                                     "device=cuda"]), ds.name, ds.image_size, True)
     out = {}
-    for backend in ("reference", "triton"):
-        ops.set_backend(backend if backend == "reference" else "auto")
-        m = Matcher(cfg, ds, torch.device("cuda"), torch.Generator().manual_seed(0))
-        model = m.new_network()
-        images = torch.rand(10, ipc, 1, 28, 28, device="cuda")
-        mom = torch.zeros_like(images)
-        draws = [m.draw(ds.class_index(), ipc, 0) for _ in range(steps + 2)]
-        for d in draws[:2]:
-            m.step(model, d, images, mom)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for d in draws[2:]:
-            m.step(model, d, images, mom)
-        torch.cuda.synchronize()
-        sec = (time.perf_counter() - t) / steps
-        out[backend] = sec
-        rows.append({"op": f"matching step IPC {ipc} width {width}", "variant": backend,
-                     "pass": "step", "ms": round(sec * 1e3, 2),
-                     "class-steps/s": round(10 / sec, 1)})
-        ops.set_backend(None)
+    for backend, batching in variants:
+        cfg = resolve(load_config(None, [
+            f"synthetic.ipc={ipc}", f"dasm.segments={ipc // segment}", f"model.width={width}",
+            "device=cuda", "match.frozen_per_class=0", f"match.class_batching={batching}"]),
+            ds.name, ds.image_size, True, ds.channels)
+        ops.set_backend(backend)
+        try:
+            m = Matcher(cfg, ds, torch.device("cuda"), torch.Generator().manual_seed(0))
+            model = m.new_network()
+            nf = ipc - segment
+            images = torch.rand(10, segment, 1, 28, 28, device="cuda")
+            frozen = torch.rand(10, nf, 1, 28, 28, device="cuda") if nf else None
+            mom = torch.zeros_like(images)
+            draws = [m.draw(ds.class_index(), segment, nf) for _ in range(steps + 2)]
+            for d in draws[:2]:
+                m.step(model, d, images, mom, frozen)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            for d in draws[2:]:
+                m.step(model, d, images, mom, frozen)
+            torch.cuda.synchronize()
+            sec = (time.perf_counter() - t) / steps
+            out[(backend, batching)] = sec
+            rows.append({"op": f"matching step IPC {ipc} (last segment {segment}) width {width}",
+                         "variant": f"{backend}/{batching}", "pass": "step",
+                         "ms": round(sec * 1e3, 2), "class-steps/s": round(10 / sec, 1),
+                         "max MB": round(torch.cuda.max_memory_allocated() / 2 ** 20)})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"op": f"matching step IPC {ipc}", "variant": f"{backend}/{batching}",
+                         "pass": "step", "error": str(e)[:80]})
+        finally:
+            ops.set_backend(None)
     return out
 
 
@@ -182,11 +235,17 @@ def main():
     bench_sample_scores(bw, rows, n=1 << (22 if a.quick else 24))
     bench_grad_distance(bw, rows)
     bench_decode_augment(bw, rows, stored_n=512 if a.quick else 2048)
+    bench_block(bw, rows, n=128 if a.quick else 512)
     step = bench_matching_step(rows, steps=3 if a.quick else 5)
-    cols = ["op", "variant", "pass", "ms", "GB/s", "of copy bw", "class-steps/s", "error"]
+    best = min((v, k) for k, v in step.items() if k[0] == "auto")[1] if step else None
+    if best:  # the last segment at IPC 1000, every frozen image in the step
+        bench_matching_step(rows, ipc=1000, steps=2, variants=(("reference", "vmap"), best))
+    cols = ["op", "variant", "pass", "ms", "GB/s", "of copy bw", "class-steps/s", "max MB",
+            "error"]
     print(table(rows, cols))
+    ref = step.get(("reference", "vmap"))
     payload = {"machine": machine(), "copy_bandwidth_GBps": round(bw, 1), "rows": rows,
-               "matching_step_speedup": round(step["reference"] / step["triton"], 2)}
+               "matching_step_speedup": round(ref / step[best], 2) if ref and best else None}
     io.write_json(a.out, payload)  # atomic, like every results file
     print(f"-> {a.out}")
     return 0
