@@ -27,8 +27,12 @@ MAX_PLANE = 16384  # values per (sample, channel) plane a program holds
 
 
 @triton.jit
-def _plane(z_ptr, base, idx, M, W, Hp, Wp, mask, POOL: tl.constexpr):
-    """Values, row/col and the pooled index of each element of one plane."""
+def _backward_state(g_ptr, z_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, plane, C, M, W, Hp, Wp,
+                    POOL: tl.constexpr, BLOCK: tl.constexpr):
+    """One plane's ``x^``, ``h = relu'(a) unpool(g)`` and ``k = w h`` (and what they came from)."""
+    base = plane.to(tl.int64) * M
+    idx = tl.arange(0, BLOCK)
+    mask = idx < M
     x = tl.load(z_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
     i = idx // W
     j = idx % W
@@ -38,7 +42,16 @@ def _plane(z_ptr, base, idx, M, W, Hp, Wp, mask, POOL: tl.constexpr):
     else:
         pooled = mask
         q = idx
-    return x, pooled, q
+    mean = tl.load(mean_ptr + plane)
+    rstd = tl.load(rstd_ptr + plane)
+    w = tl.load(w_ptr + plane % C).to(tl.float32)
+    b = tl.load(b_ptr + plane % C).to(tl.float32)
+    xh = tl.where(mask, (x - mean) * rstd, 0.0)
+    g = tl.load(g_ptr + plane.to(tl.int64) * Hp * Wp + q, mask=pooled, other=0.0).to(tl.float32)
+    if POOL:
+        g = g * 0.25
+    h = tl.where((xh * w + b > 0.0) & pooled, g, 0.0)
+    return base, idx, mask, mean, rstd, w, b, xh, h, w * h
 
 
 @triton.jit
@@ -75,21 +88,8 @@ def _forward(z_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, C, M, W, Hp, Wp, 
 def _backward(g_ptr, z_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, dz_ptr, dw_ptr, db_ptr,
               C, M, W, Hp, Wp, POOL: tl.constexpr, BLOCK: tl.constexpr):
     plane = tl.program_id(0)
-    c = plane % C
-    base = plane.to(tl.int64) * M
-    idx = tl.arange(0, BLOCK)
-    mask = idx < M
-    x, pooled, q = _plane(z_ptr, base, idx, M, W, Hp, Wp, mask, POOL)
-    mean = tl.load(mean_ptr + plane)
-    rstd = tl.load(rstd_ptr + plane)
-    w = tl.load(w_ptr + c).to(tl.float32)
-    b = tl.load(b_ptr + c).to(tl.float32)
-    xh = tl.where(mask, (x - mean) * rstd, 0.0)
-    g = tl.load(g_ptr + plane.to(tl.int64) * Hp * Wp + q, mask=pooled, other=0.0).to(tl.float32)
-    if POOL:
-        g = g * 0.25
-    h = tl.where((xh * w + b > 0.0) & pooled, g, 0.0)
-    k = w * h
+    base, idx, mask, mean, rstd, w, b, xh, h, k = _backward_state(
+        g_ptr, z_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, plane, C, M, W, Hp, Wp, POOL, BLOCK)
     kbar = tl.sum(k, axis=0) / M
     m2 = tl.sum(k * xh, axis=0) / M
     tl.store(dz_ptr + base + idx, rstd * (k - kbar - xh * m2), mask=mask)
@@ -102,22 +102,9 @@ def _double_backward(u_ptr, g_ptr, z_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, dg_p
                      dw_ptr, C, M, W, Hp, Wp, POOL: tl.constexpr, BLOCK: tl.constexpr,
                      BLOCK_OUT: tl.constexpr):
     plane = tl.program_id(0)
-    c = plane % C
-    base = plane.to(tl.int64) * M
-    idx = tl.arange(0, BLOCK)
-    mask = idx < M
-    x, pooled, q = _plane(z_ptr, base, idx, M, W, Hp, Wp, mask, POOL)
-    mean = tl.load(mean_ptr + plane)
-    rstd = tl.load(rstd_ptr + plane)
-    w = tl.load(w_ptr + c).to(tl.float32)
-    b = tl.load(b_ptr + c).to(tl.float32)
-    xh = tl.where(mask, (x - mean) * rstd, 0.0)
+    base, idx, mask, mean, rstd, w, b, xh, h, k = _backward_state(
+        g_ptr, z_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, plane, C, M, W, Hp, Wp, POOL, BLOCK)
     u = tl.load(u_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + plane.to(tl.int64) * Hp * Wp + q, mask=pooled, other=0.0).to(tl.float32)
-    if POOL:
-        g = g * 0.25
-    h = tl.where((xh * w + b > 0.0) & pooled, g, 0.0)
-    k = w * h
     kbar = tl.sum(k, axis=0) / M
     m2 = tl.sum(k * xh, axis=0) / M
     ubar = tl.sum(u, axis=0) / M
