@@ -50,9 +50,16 @@ def _load(args) -> "Config":  # noqa: F821
     return load_config(args.config, args.set, extra)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other bad input) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dasm", description="Dataset distillation with DASM on IDC.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="dasm", description="Dataset distillation with DASM on IDC.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     d = sub.add_parser("distill", help="distil a synthetic set into a run directory")
     _config_args(d)

@@ -79,6 +79,11 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
                           seg.ipc, ds.channels, ds.image_size, f, gen)
         net_pool = torch.arange(ds.train_images.shape[0]) if d.net_data == "full" \
             else torch.cat(pools)
+        # step parity: IDC at any IPC N moves an image, per step and in expectation, by
+        # lr(N) x P(sampled) / batch = (base N/10) x (128 / (N f^2)) / 128 = base / (10 f^2).
+        # Here lr is the rule at the segment's IPC n and the batch holds n_t trainable + n_f
+        # frozen images: lr(n) x (n_t / (n f^2)) / (n_t + n_f) = share x base / (10 f^2), so
+        # dividing the step by share = n_t / (n_t + n_f) restores IDC's movement.
         share = matcher.trainable_share(seg.ipc, seg.start)
         lr_scale = 1.0 / share if d.step_parity else 1.0
         run.log({"event": "segment_start", "segment": seg.index, "ipc": seg.ipc,
