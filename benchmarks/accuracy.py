@@ -264,15 +264,15 @@ def markdown(records, ipcs, methods, split) -> str:
         for ipc in ipcs:
             accs, seeds = pooled(records, method, ipc)
             ms = _mean_std([x * 100 for x in accs])
-            row[f"IPC {ipc}"] = f"{ms[0]:.2f} ± {ms[1]:.2f} ({len(seeds)}×{len(accs) // max(len(seeds), 1)})" \
-                if ms else ""
+            shape = f"{len(seeds)}×{len(accs) // max(len(seeds), 1)}"  # seeds x repeats
+            row[f"IPC {ipc}"] = f"{ms[0]:.2f} ± {ms[1]:.2f} ({shape})" if ms else ""
         rows.append(row)
     for other, label in [(m, m) for m in methods if m not in ("dasm", "random", "easy", "hard")]:
         row = {"method": f"dasm − {label}", "budget": "paired"}
         for ipc in ipcs:
-            d = _mean_std(paired(records, ipc, "dasm", other))
-            row[f"IPC {ipc}"] = f"{d[0]:+.2f} ± {d[1]:.2f} (n={len(paired(records, ipc, 'dasm', other))})" \
-                if d else ""
+            diffs = paired(records, ipc, "dasm", other)
+            d = _mean_std(diffs)
+            row[f"IPC {ipc}"] = f"{d[0]:+.2f} ± {d[1]:.2f} (n={len(diffs)})" if d else ""
         rows.append(row)
     text = table(rows, cols)
     text += (f"\n\n{split} accuracy (%), last epoch, mean ± std over (seeds × evaluation repeats); "
@@ -311,8 +311,8 @@ def plot(records, ipcs, methods, path, title):
                if paired(records, ipc, "dasm", other)]
         if pts:
             x, y, e = zip(*pts)
-            dx.errorbar(x, y, yerr=e, fmt=style, capsize=3,
-                        label=f"dasm − {other} ({'equal compute' if other != 'idc' else 'equal steps'})")
+            budget = "equal compute" if other != "idc" else "equal steps"
+            dx.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=f"dasm − {other} ({budget})")
     dx.axhline(0, color="k", lw=0.8)
     for a_ in (ax, dx):
         a_.set_xscale("log")

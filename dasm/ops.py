@@ -16,8 +16,9 @@ instance_norm_relu_pool    instance norm + ReLU (+ 2x2 average pool), twice     
 compiled extension :mod:`dasm._C`; ``compile`` is ``torch.compile`` of the reference, on CUDA,
 never chosen by ``auto`` (force it per op where the GPU benchmark shows it ahead; *torch.compile
 has no double backward, so the compiled block serves evaluation and scoring, not matching).
-``auto`` picks the fastest backend that is available and applicable. ``DASM_BACKEND`` (or :func:`set_backend`, fed by the config key ``backend``) forces
-one: ``reference``, ``triton``, ``ext``, or per op, ``grad_distance=triton,decode_augment=reference``.
+``auto`` picks the fastest backend that is available and applicable. ``DASM_BACKEND`` (or
+:func:`set_backend`, fed by the config key ``backend``) forces one: ``reference``, ``triton``,
+``ext``, ``compile``, or per op, ``grad_distance=triton,decode_augment=reference``.
 A forced backend that cannot run an op it implements is a :class:`BackendUnavailable` error, never a
 silent fallback; ops that a forced backend does not implement use the reference.
 """
@@ -138,7 +139,9 @@ def _applicable(op: str, backend: str, device: torch.device) -> str | None:
     if backend == "compile":
         if not hasattr(torch, "compile"):
             return "this torch has no torch.compile"
-        return None if device.type == "cuda" else f"compile is offered on CUDA tensors (got {device.type})"
+        if device.type != "cuda":
+            return f"compile is offered on CUDA tensors (got {device.type})"
+        return None
     if backend == "ext":
         mod = ext()
         if mod is None:

@@ -91,9 +91,9 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
                  "pool_sizes": [len(p) for p in pools], "iterations": seg.iterations,
                  "warm_starts": len(starts or []), "trainable_share": share,
                  "lr_img": cfg.match.lr_img * lr_scale})
-        result = matcher.run_segment(init, pools, net_pool, seg.iterations, cfg.match.inner_steps,
-                                 frozen=earlier if seg.start else None, segment=seg.index,
-                                 lr_scale=lr_scale, starts=starts)
+        result = matcher.run_segment(init, pools, net_pool, seg.iterations,
+                                     cfg.match.inner_steps, frozen=earlier if seg.start else None,
+                                     segment=seg.index, lr_scale=lr_scale, starts=starts)
         stored[:, seg.start:seg.start + seg.ipc] = ctx.join_classes(result).cpu()
         if ctx.is_main:
             run.save_checkpoint(seg.index + 1, {"segment": seg.index + 1, "stored": stored,
