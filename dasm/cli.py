@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from .errors import DasmError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def _config_args(p: argparse.ArgumentParser, ipc: bool = True) -> None:
@@ -35,7 +39,7 @@ def _config_args(p: argparse.ArgumentParser, ipc: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _load(args) -> "Config":  # noqa: F821
+def _load(args) -> "Config":
     from .config import load_config
 
     extra = {}

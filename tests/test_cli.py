@@ -52,8 +52,8 @@ def test_export_both_formats(smoke_run, tmp_path):
     y = torch.load(tmp_path / "dd" / "labels.pt")
     assert x.shape == (80, 1, 28, 28) and y.tolist() == sorted(y.tolist())
     assert main(["export", smoke_run, "--format", "imagefolder", "--to", str(tmp_path / "if")]) == 0
-    assert len(os.listdir(tmp_path / "if")) == 10
-    assert len(os.listdir(tmp_path / "if" / "Trouser")) == 8
+    assert len(os.listdir(tmp_path / "if" / "train")) == 10
+    assert len(os.listdir(tmp_path / "if" / "train" / "001-Trouser")) == 8
     # a second export to the same place is refused
     assert main(["export", smoke_run, "--format", "ddranking", "--to", str(tmp_path / "dd")]) == 2
 
