@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from dasm import api, baselines, io  # noqa: E402
+from dasm import api, baselines, io, rng  # noqa: E402
 from dasm.config import from_dict, parse_overrides, with_overrides  # noqa: E402
 from dasm.rules import resolve  # noqa: E402
 from dasm.data import dataset_from_config  # noqa: E402
@@ -217,7 +217,12 @@ def report(path: Path, name: str, split: str, ipcs, methods, ablation: bool, pro
 def full_data(base, ds, runs_root: Path, epochs: int):
     """The evaluation network trained on the whole training set (cached), and its record."""
     cfg = resolve(base, ds.name, ds.image_size, torch.cuda.is_available(), ds.channels)
-    path = runs_root / f"full-data-model-{epochs}ep-{cfg.identity()}.pt"
+    # keyed by what defines this network (data, model, evaluation protocol, seed), not by the
+    # matching settings, so every method of a sweep shares it
+    d = cfg.to_dict()
+    key = rng.derive_seed(0, json.dumps({k: d[k] for k in ("data", "model", "eval", "seed")},
+                                        sort_keys=True))
+    path = runs_root / f"full-data-model-{epochs}ep-{key:016x}.pt"
     t0 = time.perf_counter()
     if path.exists():
         from dasm.models import build_model

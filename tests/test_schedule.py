@@ -18,7 +18,7 @@ from dasm.train import train_scorer
 from conftest import smoke_config
 
 SEG = ("synthetic.ipc=4", "dasm.segments=2", "data.train_per_class=40", "dasm.easy_drop=0.25",
-       "dasm.hard_drop=0.1")
+       "dasm.hard_drop=0.1", "dasm.match_init=scorer")  # every DASM piece on
 
 
 def test_band_selects_exact_ranks():
@@ -208,7 +208,9 @@ def test_frozen_segments_untouched_and_inits_disjoint(dasm_run):
 
 def test_one_segment_is_idc_bit_for_bit(fmnist_small, tmp_path):
     """K = 1 with every DASM piece on equals the same run with every piece off."""
-    on = distill(smoke_config("dasm.segments=1"), tmp_path / "on", dataset=fmnist_small)
+    on = distill(smoke_config("dasm.segments=1", "dasm.match_init=scorer", "dasm.step_parity=true",
+                              "dasm.easy_drop=0.5", "dasm.hard_drop=0.02"), tmp_path / "on",
+                 dataset=fmnist_small)
     off = distill(smoke_config("dasm.segments=1", "dasm.match_init=fresh", "dasm.step_parity=false",
                                "dasm.easy_drop=0", "dasm.hard_drop=0"), tmp_path / "off",
                   dataset=fmnist_small)
