@@ -99,7 +99,7 @@ def evaluation(run: RunDir, ds, repeats: int) -> dict:
     same epochs and repeats is there, else computed (and appended)."""
     cfg = run.load_config()
     if run.evals.exists():
-        for e in json.loads(run.evals.read_text()).get("evaluations", []):
+        for e in api.evaluations(run):
             if e.get("epochs") == cfg.eval.epochs and len(e.get("accuracies", [])) == repeats \
                     and not e.get("same_compute"):
                 return e

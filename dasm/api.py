@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 import tempfile
@@ -15,7 +14,7 @@ from .config import Config
 from .data import Dataset, dataset_from_config
 from .errors import DasmError, RunDirError
 from .models import build_model
-from .rundir import RunDir
+from .rundir import RunDir, load_tensors
 from .scoring import score_dataset
 from .synthetic import SyntheticSet
 from .train import TrainSettings, equal_step_epochs, eval_model_spec, evaluate_images, train_new
@@ -44,7 +43,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
         if value is not None and value <= 0:
             raise DasmError(f"evaluate: {name} must be a positive integer, got {value}")
     run, cfg, sset, ds = _load_run(run_dir, dataset)
-    previous = _evaluations(run)  # a corrupt eval.json stops us before any work
+    previous = evaluations(run)  # a corrupt eval.json stops us before any work
     if overrides:
         cfg = cfg.replace(**overrides)
     runtime.apply(cfg)
@@ -66,7 +65,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
     return summary
 
 
-def _evaluations(run: RunDir) -> list[dict]:
+def evaluations(run: RunDir) -> list[dict]:
     """The evaluations recorded in ``eval.json`` ([] if none); a file that is not ours is an
     error, never silently replaced."""
     if not run.evals.exists():
@@ -162,7 +161,7 @@ def info(run_dir: str | Path) -> dict:
                    segment_sizes=sset.segment_sizes)
     if run.evals.exists():
         out["evaluations"] = [{k: e.get(k) for k in ("model", "epochs", "mean", "std", "accuracies")}
-                              for e in _evaluations(run)]
+                              for e in evaluations(run)]
     return out
 
 
@@ -185,11 +184,13 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     if ckpt.exists():
         model = build_model(name, ds.channels, ds.num_classes, ds.image_size, generator=g,
                             device=device, **opts)
+        state = load_tensors(ckpt, "delete it to train the scorer again", device)
         try:
-            model.load_state_dict(torch.load(ckpt, map_location=device, weights_only=True))
-        except (RuntimeError, OSError, pickle.UnpicklingError) as e:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RunDirError(f"{ckpt} does not fit model {name} on {ds.name}: "
-                              f"{str(e).splitlines()[0][:160]}") from None
+                              f"{first[:160]}") from None
     else:
         x, y = SyntheticSet.load(src.synthetic).decoded()
         model = train_new(spec, x, y, ds, TrainSettings.from_eval(cfg.eval, epochs), g, device,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import struct
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -259,7 +260,6 @@ def _load_imagefolder(path: Path, channels: int = 0, image_size: int = 0):
     mode = {1: "L", 3: "RGB"}.get(channels, "RGB" if colour else "L")
     size = (image_size, image_size) if image_size else sizes.most_common(1)[0][0] if sizes else None
     if len(sizes) > 1 or len(modes) > 1:
-        import sys
         print(f"dasm: imagefolder {path}: {sum(sizes.values())} images of {len(sizes)} size(s) "
               f"and mode(s) {', '.join(sorted(modes))}: using {mode}, {size[1]}x{size[0]}",
               file=sys.stderr)

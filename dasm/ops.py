@@ -54,7 +54,6 @@ IMPLEMENTED = {
     "instance_norm_relu_pool": ("ext", "triton", "compile", "reference"),
 }
 METRICS = ("l1", "mse", "cos")
-TRITON_MAX_PLANE = 16384  # kernels/instance_norm_relu_pool.py holds a plane in registers
 COS_EPS = 1e-6
 
 
@@ -382,11 +381,12 @@ def instance_norm_relu_pool(z: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if ``pool``, 2x2 average pooling. ``z [N, C, H, W]`` -> ``[N, C, H', W']``. Differentiable
     twice with respect to ``z`` (gradient matching backpropagates through its backward)."""
     b = backend_for("instance_norm_relu_pool", z.device)
-    if b == "triton" and z.shape[-2] * z.shape[-1] > TRITON_MAX_PLANE:
+    limit = _kernel("instance_norm_relu_pool").MAX_PLANE if b == "triton" else None
+    if limit is not None and z.shape[-2] * z.shape[-1] > limit:
         if _preference("instance_norm_relu_pool") == "triton":
             raise BackendUnavailable(f"backend 'triton' was forced for instance_norm_relu_pool "
                                      f"but planes of {z.shape[-2]}x{z.shape[-1]} exceed "
-                                     f"{TRITON_MAX_PLANE} values")
+                                     f"{limit} values")
         b = "reference"
     if b == "ext":
         return fused_block.instance_norm_relu_pool(z, weight, bias, pool, eps, _ext.BlockKernels)

@@ -78,19 +78,25 @@ class RunDir:
             self.checkpoint(j).unlink(missing_ok=True)
 
     def load_checkpoint(self, k: int, identity: str) -> dict:
-        """The checkpoint of segment ``k``, loaded without running code from the file
-        (``weights_only``); a damaged, foreign or malicious file is a RunDirError."""
+        """The checkpoint of segment ``k`` (see :func:`load_tensors`); a foreign one is a
+        RunDirError."""
         path = self.checkpoint(k)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
-                ValueError, AttributeError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RunDirError(f"checkpoint {path} cannot be read safely ({first[:160]}); "
-                              f"delete it to recompute that segment") from None
+        state = load_tensors(path, "delete it to recompute that segment")
         if not isinstance(state, dict) or state.get("identity") != identity:
             raise RunDirError(f"checkpoint {path} belongs to another config")
         return state
+
+
+def load_tensors(path: Path, hint: str, map_location="cpu"):
+    """``torch.load`` without running code from the file (``weights_only``): tensors, numbers,
+    strings and containers. A damaged, truncated or malicious file is one RunDirError naming
+    ``path``, its first error line and ``hint``."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
+            ValueError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"{path} cannot be read safely ({first[:160]}); {hint}") from None
 
 
 def preflight(cfg: Config, ds: Dataset) -> None:
