@@ -41,32 +41,44 @@ import torch  # noqa: E402
 
 from dasm import api, baselines, io, rng  # noqa: E402
 from dasm.config import from_dict, parse_overrides, with_overrides  # noqa: E402
-from dasm.rules import resolve  # noqa: E402
+from dasm.rules import resolve_for  # noqa: E402
 from dasm.data import dataset_from_config  # noqa: E402
-from dasm.plan import plan  # noqa: E402
-from dasm.rundir import RunDir  # noqa: E402
+from dasm.plan import iterations_for, segment_sizes  # noqa: E402
+from dasm.rundir import RunDir, load_tensors  # noqa: E402
 from dasm.schedule import distill  # noqa: E402
 from dasm.train import accuracy  # noqa: E402
 
 from _common import RESULTS, ROOT, machine, table  # noqa: E402
 
 # method -> config overrides of a distilled run (None: a real-subset baseline)
-DESIGN = {"dasm.match_init": "scorer", "dasm.easy_drop": 0.5, "dasm.hard_drop": 0.02,
-          "dasm.step_parity": True}  # DASM as designed: every piece on
+V2 = {"dasm.match_init": "scorer", "dasm.easy_drop": 0.5, "dasm.hard_drop": 0.02,
+      "dasm.pool": "rank", "synthetic.factor": 2}  # last round's design: band + scorer starts
+F1 = {"synthetic.factor": 1}  # the v3 ablation runs at factor 1 (the pieces at large phi)
 METHODS = {
     "random": None,
-    "idc": {"dasm.segments": 1},
-    "idc-compute": {"dasm.segments": 1},  # iterations set per IPC: dasm's total
-    "dasm": {},  # the package's defaults (chosen on the held-out split)
-    "dasm-design": DESIGN,
-    "dasm-fresh": {**DESIGN, "dasm.match_init": "fresh"},  # the design, networks from scratch
-    "dasm-no-band": {**DESIGN, "dasm.easy_drop": 0.0, "dasm.hard_drop": 0.0},  # full pools
-    "dasm-no-parity": {**DESIGN, "dasm.step_parity": False},  # lr_img not compensated
+    "idc": {"dasm.segments": 1, "synthetic.factor": 2},  # IDC as published (factor 2)
+    "idc-f1": {"dasm.segments": 1, "synthetic.factor": 1},  # IDC-I: full-resolution images
+    "idc-compute": {"dasm.segments": 1},  # dasm's first-segment factor; iterations: dasm's total
+    "dasm": {},  # the package's defaults (the plan of dasm.plan)
+    # v3 ablation at large phi: two halves at factor 1, each piece alone and all together
+    "dasm-f1": {**F1, "dasm.pool": "rank", "dasm.match_init": "fresh"},  # no piece
+    "dasm-lack": {**F1, "dasm.pool": "lack", "dasm.match_init": "fresh"},  # lack pools alone
+    "dasm-cond": {**F1, "dasm.pool": "rank", "dasm.match_init": "conditioned"},  # networks alone
+    "dasm-all": {**F1, "dasm.pool": "lack", "dasm.match_init": "conditioned"},  # all on
+    "dasm-mixed": {"synthetic.factor": [2, 1], "dasm.pool": "lack",
+                   "dasm.match_init": "conditioned"},  # all on, first half at factor 2
+    "dasm-split": {**F1, "dasm.pool": "lack", "dasm.match_init": "conditioned"},  # 3/4 + 1/4
+    # last round's ablation (IPC <= 100), kept so its records still report
+    "dasm-design": V2,
+    "dasm-fresh": {**V2, "dasm.match_init": "fresh"},
+    "dasm-no-band": {**V2, "dasm.easy_drop": 0.0, "dasm.hard_drop": 0.0},
+    "dasm-no-parity": {**V2, "dasm.step_parity": False},
     "dasm-k3": {"dasm.segments": 3},  # three segments (IPC divisible by 3: near-equal list)
     "easy": None,
     "hard": None,
 }
-CONTENDERS = ("random", "idc", "idc-compute", "dasm")
+CONTENDERS = ("random", "idc", "idc-f1", "idc-compute", "dasm")
+BASELINES = ("random", "idc", "idc-f1")  # dasm is compared with the best of them
 
 
 def load_profile(path: str, overrides: list[str], holdout: bool):
@@ -85,8 +97,12 @@ def run_config(base, method: str, ipc: int, seed: int):
     over = dict(METHODS[method] or {})
     if method == "dasm-k3":
         over["dasm.segments"] = [ipc - 2 * (ipc // 3), ipc // 3, ipc // 3]
+    if method == "dasm-split":
+        over["dasm.segments"] = [ipc - ipc // 4, ipc // 4]
     if method == "idc-compute":
-        over["match.iterations"] = sum(s.iterations for s in plan(cfg))
+        K = len(segment_sizes(ipc, cfg.dasm.segments))
+        over["match.iterations"] = sum(iterations_for(cfg.dasm, cfg.match.iterations, k, K)
+                                       for k in range(K))
     return cfg.replace(**over)
 
 
@@ -124,6 +140,8 @@ def main():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tag", default="")
     p.add_argument("--no-full-data", action="store_true")
+    p.add_argument("--full-data-epochs", type=int,
+                   help="epochs of the full-data network (default: the profile's)")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     a = p.parse_args()
 
@@ -141,15 +159,18 @@ def main():
           f"images; IPC {ipcs}; methods {methods}; seeds {seeds}", flush=True)
     t_start = time.perf_counter()
     results_path = RESULTS / f"accuracy-{name}.json"
-    header = {"profile": name, "split": split, "machine": machine(),
+    header = {"profile": name, "split": split, "argv": sys.argv, "machine": machine(),
               "reported": "last-epoch accuracy, mean +- std over evaluation repeats; equal "
                           "epochs (IDC's convention)"}
+    recorded = json.loads(results_path.read_text()).get("runs", []) \
+        if results_path.exists() else []
     if a.report:
         return report(results_path, name, split, ipcs, methods, a.holdout and not a.tag, profile)
 
     full = None
     if any(m in ("easy", "hard") for m in methods) or not a.no_full_data:
-        full, rec = full_data(base, ds, runs_root, bench.get("full_data_epochs", base.eval.epochs))
+        full, rec = full_data(base, ds, runs_root, a.full_data_epochs or bench.get("full_data_epochs", base.eval.epochs),
+                              recorded, need_model=any(m in ("easy", "hard") for m in methods))
         merge(results_path, header, rec)
         print(f"full-data network ({rec['epochs']} epochs): {rec['mean'] * 100:.2f}%", flush=True)
 
@@ -157,9 +178,14 @@ def main():
         for seed in (seeds if ipc >= 50 else seeds[:1]):
             for method in methods:
                 cfg = run_config(base, method, ipc, seed)
-                resolved = resolve(cfg.replace(**({"synthetic.factor": 1, "dasm.segments": 1}
-                                                  if METHODS[method] is None else {})),
-                                   ds.name, ds.image_size, torch.cuda.is_available(), ds.channels)
+                resolved = resolve_for(cfg.replace(**({"synthetic.factor": 1, "dasm.segments": 1}
+                                                      if METHODS[method] is None else {})), ds)
+                old = reusable(recorded, method, ipc, seed, resolved, repeats)
+                if old is not None:  # measured before (maybe on another machine): keep it
+                    merge(results_path, header, old)
+                    print(f"  ipc {ipc:4d} seed {seed} {method:15s} {old['mean'] * 100:6.2f} "
+                          f"(recorded)", flush=True)
+                    continue
                 # distilled runs are named by what defines them, so equal configs share a run
                 kind = "distill" if METHODS[method] is not None else method
                 run = RunDir(runs_root / f"{kind}-ipc{ipc}-seed{seed}-{resolved.identity()}")
@@ -188,6 +214,19 @@ def main():
     print(f"sweep wall time {(time.perf_counter() - t_start) / 60:.1f} min -> {results_path}")
 
 
+def reusable(records: list[dict], method: str, ipc: int, seed: int, cfg, repeats: int):
+    """The record of ``method`` at ``ipc`` and ``seed`` already in the results file when it
+    was measured with this config identity and protocol (evaluation epochs and repeats), else
+    None: a sweep on a new machine (no ``runs/``) reruns only what is missing."""
+    for r in records:
+        if (r["method"], r["ipc"], r.get("seed"), r.get("budget")) == \
+                (method, ipc, seed, budget_of(method)) \
+                and r.get("config_identity") == cfg.identity() \
+                and r.get("epochs") == cfg.eval.epochs and len(r["accuracies"]) == repeats:
+            return r
+    return None
+
+
 def merge(path: Path, header: dict, record: dict) -> None:
     """Put ``record`` into the results file, replacing the one of the same method, IPC, seed
     and budget; under a lock, so that sweeps run side by side do not lose each other's runs."""
@@ -197,7 +236,8 @@ def merge(path: Path, header: dict, record: dict) -> None:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(path.read_text()) if path.exists() else {}
-        key = lambda r: (r["method"], r["ipc"], r.get("seed"), r.get("budget"))  # noqa: E731
+        key = lambda r: (r["method"], r["ipc"], r.get("seed"), r.get("budget"),  # noqa: E731
+                         r.get("epochs") if r["method"] == "full-data" else None)
         runs = [r for r in data.get("runs", []) if key(r) != key(record)] + [record]
         runs.sort(key=lambda r: (r["ipc"] or 0, r["method"], r.get("seed") or 0))
         io.write_json(path, {**header, "runs": runs})
@@ -217,14 +257,21 @@ def report(path: Path, name: str, split: str, ipcs, methods, ablation: bool, pro
     print(md)
 
 
-def full_data(base, ds, runs_root: Path, epochs: int):
-    """The evaluation network trained on the whole training set (cached), and its record."""
-    cfg = resolve(base, ds.name, ds.image_size, torch.cuda.is_available(), ds.channels)
+def full_data(base, ds, runs_root: Path, epochs: int, recorded: list[dict] = (),
+              need_model: bool = True):
+    """The evaluation network trained on the whole training set (cached), and its record. A
+    record of the same key already in the results file is reused when the network itself is
+    not needed (``need_model``: the easy/hard coresets): returns ``(None, record)`` then."""
+    cfg = resolve_for(base, ds)
     # keyed by what defines this network (data, model, evaluation protocol, seed), not by the
     # matching settings, so every method of a sweep shares it
     d = cfg.to_dict()
     key = rng.derive_seed(0, json.dumps({k: d[k] for k in ("data", "model", "eval", "seed")},
                                         sort_keys=True))
+    for r in recorded:
+        if r["method"] == "full-data" and r.get("key") == f"{key:016x}" and \
+                r.get("epochs") == epochs and not need_model:
+            return None, r
     path = runs_root / f"full-data-model-{epochs}ep-{key:016x}.pt"
     t0 = time.perf_counter()
     if path.exists():
@@ -234,14 +281,15 @@ def full_data(base, ds, runs_root: Path, epochs: int):
         nm, opts = eval_model_spec(cfg)
         model = build_model(nm, ds.channels, ds.num_classes, ds.image_size,
                             generator=torch.Generator(), device=cfg.device, **opts)
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(load_tensors(path, "delete it to train the network again"))
     else:
         model = baselines.full_data_model(cfg, ds, epochs, progress=True)
         io.torch_save(model.state_dict(), path)
     mean, std = ds.mean_std(cfg.device)
     acc = accuracy(model, ds.test_images, ds.test_labels, mean, std)
     return model, {"method": "full-data", "ipc": None, "seed": cfg.seed, "budget": None,
-                   "epochs": epochs, "accuracies": [acc], "mean": acc, "std": 0.0,
+                   "key": f"{key:016x}", "epochs": epochs, "accuracies": [acc], "mean": acc,
+                   "std": 0.0,
                    "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -51,7 +51,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
     x, y = sset.decoded()
     n_epochs = epochs if epochs is not None else cfg.eval.epochs
     if cfg.eval.same_compute:
-        n_epochs = equal_step_epochs(n_epochs, sset.factor)
+        n_epochs = equal_step_epochs(n_epochs, sset.ipc, sset.decoded_per_class)
     summary = evaluate_images(x, y, ds, cfg, model, n_epochs, repeats, progress=progress)
     summary.update(method=sset.extra.get("method", ""), ipc=sset.ipc, factor=sset.factor,
                    segments=sset.segment_sizes, same_compute=cfg.eval.same_compute,
@@ -170,10 +170,10 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     """Per-sample loss/EL2N/margin of every training image of ``cfg.data`` under a network:
     ``model_from/model.pt`` if present, else one trained on ``model_from``'s synthetic set by the
     evaluation protocol (and saved as ``model.pt``). Written to ``out`` (safetensors)."""
-    from .rules import resolve
+    from .rules import resolve_for
 
     ds = dataset_from_config(cfg.data)
-    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available(), ds.channels)
+    cfg = resolve_for(cfg, ds)
     runtime.apply(cfg)
     progress = cfg.runtime.progress if progress is None else progress
     device = torch.device(cfg.device)

@@ -52,7 +52,9 @@ class ModelConfig:
 @dataclass
 class SyntheticConfig:
     ipc: int = 10  # stored images per class
-    factor: Union[int, str] = AUTO  # multi-formation tiles per side; auto: 2, 1 below 16 px
+    # multi-formation tiles per side: an integer, one per segment (a list), or auto (dasm.plan:
+    # by the kept fraction; 1 below 16 px)
+    factor: Union[int, str, List[int]] = AUTO
     init: str = _choice("mix", "mix", "real", "noise")
 
 
@@ -89,14 +91,25 @@ class MatchConfig:
 @dataclass
 class DasmConfig:
     segments: Union[int, str, List[int]] = AUTO  # auto: 1 below IPC 20, else 2 halves; K; a list
-    score: str = _choice("loss", "loss", "el2n", "margin")
-    # the band and the warm start are off by default: on the held-out split each cost accuracy
-    # (results/ablation-cpu.md); easy_drop 0.5 / hard_drop 0.02 / match_init scorer is the design
-    easy_drop: Union[float, List[float]] = 0.0  # easiest ranks left out by the last segment
-    hard_drop: Union[float, List[float]] = 0.0  # hardest ranks (outliers) left out, k >= 2
+    # pools of segments k >= 2 (auto: dasm.plan's rule by the kept fraction): rank = the band
+    # [easy_drop, 1 - hard_drop) of difficulty ranks (the full class when both are 0); lack = what
+    # a network trained on S_<k gets wrong or holds with a small margin, minus the hardest tail,
+    # plus a random coverage share of the rest
+    pool: str = _choice(AUTO, AUTO, "rank", "lack")
+    score: str = _choice("loss", "loss", "el2n", "margin")  # rank pools: the difficulty
+    easy_drop: Union[float, List[float]] = 0.0  # rank pools: easiest ranks left out by the last
+    hard_drop: Union[float, List[float]] = 0.0  # rank pools: hardest ranks left out, k >= 2
     schedule: str = _choice("linear", "linear", "constant")  # how easy_drop grows over k
+    lack_margin: float = 1.0  # lack pools: true logit minus best other below this = lacking
+    tail_drop: float = 0.05  # lack pools: hardest fraction of each class by loss left out
+    coverage: float = 0.3  # lack pools: share of the pool drawn at random from the rest
     scorer_epochs: int = 300
-    match_init: str = _choice("fresh", "fresh", "scorer")  # matching networks of k >= 2
+    # matching networks of k >= 2 (auto: dasm.plan's rule): fresh (IDC); conditioned = a fresh
+    # network trained condition_epochs on decoded S_<k, a new one every condition_every outer
+    # iterations (SeqMatch, PDD); scorer = snapshots of the scorer
+    match_init: str = _choice(AUTO, AUTO, "fresh", "conditioned", "scorer")
+    condition_every: int = 2  # outer iterations per conditioned network
+    condition_epochs: int = 5  # epochs each conditioned network trains on decoded S_<k
     warm_starts: int = 4  # scorer snapshots (evenly spaced epochs) the outer iterations cycle
     step_parity: bool = True  # lr_img / trainable share: each image moves as far as in IDC
     iterations: Union[int, str, List[int]] = AUTO  # outer iterations per segment; auto: match's
@@ -158,6 +171,10 @@ class Config:
         ``dist`` (threads, progress bars, timeouts do not change the synthetic set). One hash
         serves to refuse a foreign run directory and to accept a checkpoint."""
         d = {k: v for k, v in self.to_dict().items() if k not in IDENTITY_EXCLUDES}
+        for key, neutral in IDENTITY_SINCE.items():
+            section, leaf = key.split(".")
+            if d[section].get(leaf) == neutral:
+                del d[section][leaf]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def differences(self, other: "Config") -> list[str]:
@@ -173,6 +190,11 @@ class Config:
 
 
 IDENTITY_EXCLUDES = ("runtime", "dist")
+# Keys added after results were first recorded, with the value that reproduces the behaviour from
+# before they existed. At that value a key is left out of the identity, so a record made before
+# it existed keeps its identity (and a sweep reuses it); any other value enters the hash.
+IDENTITY_SINCE = {"dasm.pool": "rank", "dasm.lack_margin": 1.0, "dasm.tail_drop": 0.05,
+                  "dasm.coverage": 0.3, "dasm.condition_every": 2, "dasm.condition_epochs": 5}
 BENCHMARK_SECTION = "benchmark"  # in profile files: the benchmark's settings, ignored by runs
 
 
@@ -345,12 +367,11 @@ def _fraction_list(value, key):
 def validate(cfg: Config) -> None:
     """Range checks that do not need the dataset. Raises ConfigError naming the key."""
     _positive(cfg.synthetic.ipc, "synthetic.ipc")
-    if isinstance(cfg.synthetic.factor, str):
-        if cfg.synthetic.factor != AUTO:
-            raise ConfigError(f"config key 'synthetic.factor' must be a positive integer or "
-                              f"'auto', got {cfg.synthetic.factor!r}")
-    else:
-        _positive(cfg.synthetic.factor, "synthetic.factor")
+    factor = cfg.synthetic.factor
+    if isinstance(factor, str) and factor != AUTO or isinstance(factor, list) and (
+            not factor or min(factor) < 1) or isinstance(factor, int) and factor < 1:
+        raise ConfigError(f"config key 'synthetic.factor' must be a positive integer, a list of "
+                          f"them (one per segment) or 'auto', got {factor!r}")
     m = cfg.match
     _positive(m.iterations, "match.iterations")
     _positive(m.inner_steps, "match.inner_steps")
@@ -386,7 +407,16 @@ def validate(cfg: Config) -> None:
                           f"got {d.segments}")
     _fraction_list(d.easy_drop, "dasm.easy_drop")
     _fraction_list(d.hard_drop, "dasm.hard_drop")
+    if d.pool == "lack" and any(v for v in (d.easy_drop if isinstance(d.easy_drop, list) else
+                                            [d.easy_drop]) + (d.hard_drop if isinstance(
+                                                d.hard_drop, list) else [d.hard_drop])):
+        raise ConfigError("config keys 'dasm.easy_drop'/'dasm.hard_drop' set a rank band, but "
+                          "'dasm.pool' is lack (its tail is dasm.tail_drop)")
     _positive(d.scorer_epochs, "dasm.scorer_epochs")
+    _fraction_list(d.tail_drop, "dasm.tail_drop")
+    _fraction_list(d.coverage, "dasm.coverage")
+    _positive(d.condition_every, "dasm.condition_every")
+    _positive(d.condition_epochs, "dasm.condition_epochs")
     _positive(d.warm_starts, "dasm.warm_starts")
     its = d.iterations if isinstance(d.iterations, list) else [d.iterations]
     if not its or any(i != AUTO if isinstance(i, str) else i < 1 for i in its):

@@ -45,6 +45,7 @@ from .distributed import context
 from .errors import ConfigError
 from .image_optim import ImageOptimizer, bcast
 from .models import build_model, model_options, model_skeleton
+from .plan import Segment, synthetic_batch
 from .train import network_optimizer, network_update
 
 
@@ -62,6 +63,8 @@ class StepDraws:
     syn: torch.Tensor  # [C, Bt] decoded indices into the class's trainable images
     frozen: torch.Tensor | None  # [C, Bf] decoded indices into the class's frozen images
     dsa: dsa_ops.DSAParams  # [C] one siamese draw per class
+    factor: int = 1  # of the trainable images (their decoded index space)
+    frozen_factor: int = 1  # of the frozen images as passed to the step
 
 
 def check_engine(cfg) -> None:
@@ -86,7 +89,8 @@ class Matcher:
         self.gen = generator
         self.log = log or (lambda record: None)
         self.progress = progress
-        self.factor = cfg.synthetic.factor
+        f = cfg.synthetic.factor
+        self.factor = f if isinstance(f, int) else None  # draws' default: a uniform factor
         self.C = dataset.num_classes
         self.mean, self.std = dataset.mean_std(self.device)
         self.real_images = dataset.train_images.to(self.device)
@@ -100,7 +104,6 @@ class Matcher:
                               "match.match_bias/match_fc are off)")
         params = dict(probe.named_parameters())
         self.layout = ops.GradLayout.from_shapes(self.matched, [params[n].shape for n in self.matched])
-        self.lr_scale = 1.0  # set per segment by the scheduler (step parity)
         self.ctx = context()
         self.own = torch.tensor(self.ctx.owned(self.C), dtype=torch.int64)  # this rank's classes
         self.own_mask = torch.zeros(self.C, dtype=torch.bool)
@@ -124,45 +127,38 @@ class Matcher:
         return ops.override()
 
     # -------------------------------------------------------------------- draws
-    def sample_counts(self, n_train: int, n_frozen: int) -> tuple[int, int]:
-        """Decoded images per class in a step's synthetic batch: ``(trainable, frozen)``."""
-        f2 = self.factor ** 2
-        bt = min(self.m.batch_syn, n_train * f2)
-        bf = n_frozen * f2 if self.m.frozen_per_class == 0 else \
-            min(self.m.frozen_per_class, n_frozen * f2)
-        return bt, bf
-
-    def trainable_share(self, n_train: int, n_frozen: int) -> float:
-        """Share of trainable images in each class's synthetic batch (1 without frozen ones)."""
-        bt, bf = self.sample_counts(n_train, n_frozen)
-        return bt / (bt + bf)
-
-    def draw(self, pools: list[torch.Tensor], n_train: int, n_frozen: int) -> StepDraws:
-        """Real indices from each class's pool, synthetic and frozen selections, DSA draws."""
-        C, g, f2 = self.C, self.gen, self.factor ** 2
+    def draw(self, pools: list[torch.Tensor], n_train: int, n_frozen: int,
+             factor: int | None = None, frozen_factor: int | None = None) -> StepDraws:
+        """Real indices from each class's pool, synthetic and frozen selections, DSA draws:
+        ``n_train`` trainable images per class at ``factor`` and ``n_frozen`` frozen ones at
+        ``frozen_factor`` (both default to the config's uniform factor)."""
+        C, g = self.C, self.gen
+        f = factor or self.factor
+        ff = frozen_factor or self.factor or 1
         br = min(self.m.batch_real, min(len(p) for p in pools))
         real = torch.stack([p[torch.randperm(len(p), generator=g)[:br]] for p in pools])
-        bt, bf = self.sample_counts(n_train, n_frozen)
-        syn = torch.stack([torch.randperm(n_train * f2, generator=g)[:bt] for _ in range(C)])
+        bt, bf = synthetic_batch(self.m, n_train * f * f, n_frozen * ff * ff)
+        syn = torch.stack([torch.randperm(n_train * f * f, generator=g)[:bt] for _ in range(C)])
         frozen = None
         if n_frozen:
-            frozen = torch.stack([torch.randperm(n_frozen * f2, generator=g)[:bf] for _ in range(C)])
+            frozen = torch.stack([torch.randperm(n_frozen * ff * ff, generator=g)[:bf]
+                                  for _ in range(C)])
         dsa = dsa_ops.draw(self.strategy, C, self.ds.image_size, g)
-        return StepDraws(real, syn, frozen, dsa)
+        return StepDraws(real, syn, frozen, dsa, f, ff)
 
     # ------------------------------------------------------------------- inputs
     def _real_batch(self, idx: torch.Tensor, dsa_rows: dsa_ops.DSAParams) -> torch.Tensor:
         x = to_float(self.real_images[idx.to(self.device)])
         return ops.decode_augment(x, 1, None, dsa_rows, self.mean, self.std)
 
-    def _decoded(self, stored: torch.Tensor, sel: torch.Tensor, classes: torch.Tensor,
-                 dsa: dsa_ops.DSAParams) -> torch.Tensor:
-        """Decoded + augmented images of ``classes`` from class-major ``stored [C, n, ...]``:
-        ``sel [len(classes), B]`` -> ``[len(classes) * B, ch, H, W]`` (class-major)."""
+    def _decoded(self, stored: torch.Tensor, factor: int, sel: torch.Tensor,
+                 classes: torch.Tensor, dsa: dsa_ops.DSAParams) -> torch.Tensor:
+        """Decoded + augmented images of ``classes`` from class-major ``stored [C, n, ...]`` at
+        ``factor``: ``sel [len(classes), B]`` -> ``[len(classes) * B, ch, H, W]`` (class-major)."""
         n = stored.shape[1]
         flat = stored.reshape(-1, *stored.shape[2:])
-        base = (classes.view(-1, 1) * (n * self.factor ** 2)).to(sel.device)
-        return ops.decode_augment(flat, self.factor, (sel + base).reshape(-1).to(self.device),
+        base = (classes.view(-1, 1) * (n * factor ** 2)).to(sel.device)
+        return ops.decode_augment(flat, factor, (sel + base).reshape(-1).to(self.device),
                                   self._rows(dsa, classes, sel.shape[1]), self.mean, self.std)
 
     def _rows(self, dsa: dsa_ops.DSAParams, classes: torch.Tensor, per_class: int):
@@ -235,24 +231,24 @@ class Matcher:
 
     # ------------------------------------------------------------------- steps
     def step(self, model: nn.Module, draws: StepDraws, images: torch.Tensor,
-             momentum: torch.Tensor, frozen: torch.Tensor | None = None):
+             momentum: torch.Tensor, frozen: torch.Tensor | None = None,
+             lr_img: float | None = None):
         """One matching step for every class.
 
-        images: ``[C, n, ch, H, W]`` current trainable segment; momentum: same shape;
-        frozen: ``[C, n_f, ch, H, W]`` or None. Returns ``(images, momentum, loss [C])``.
+        images: ``[C, n, ch, H, W]`` current trainable segment (at ``draws.factor``); momentum:
+        same shape; frozen: ``[C, n_f, ch, H, W]`` (at ``draws.frozen_factor``) or None;
+        lr_img: the image step (default ``match.lr_img``). Returns ``(images, momentum,
+        loss [C])``.
         """
+        lr = self.m.lr_img if lr_img is None else lr_img
         if self.m.engine == "loop":
             from .loop_engine import step_loop
 
-            return step_loop(self, model, draws, images, momentum, frozen)
-        return self._step_batched(model, draws, images, momentum, frozen)
+            return step_loop(self, model, draws, images, momentum, frozen, lr)
+        return self._step_batched(model, draws, images, momentum, frozen, lr)
 
-    def _image_optimizer(self) -> ImageOptimizer:
-        return ImageOptimizer(self.m.lr_img * self.lr_scale, self.m.mom_img, self.C,
-                              self.m.image_update == "sequential")
-
-    def _step_batched(self, model, draws, images, momentum, frozen):
-        opt = self._image_optimizer()
+    def _step_batched(self, model, draws, images, momentum, frozen, lr):
+        opt = ImageOptimizer(lr, self.m.mom_img, self.C, self.m.image_update == "sequential")
         at = opt.lookahead(images, momentum)
         leaf = at.detach().requires_grad_(True)
         with self._matched_weights(model) as weights, self._block_override():
@@ -287,7 +283,7 @@ class Matcher:
         for lo in range(0, n_f, self.m.frozen_chunk):
             sel = draws.frozen[own, lo:lo + self.m.frozen_chunk]
             with torch.no_grad():
-                xf = self._decoded(frozen, sel, own, draws.dsa)
+                xf = self._decoded(frozen, draws.frozen_factor, sel, own, draws.dsa)
             self._accumulate(model, weights, gf, xf.view(len(own), sel.shape[1], *xf.shape[1:]),
                              own.to(self.device), sel.shape[1] / n_f)
         return gf
@@ -305,7 +301,7 @@ class Matcher:
         for lo in range(0, len(self.own), chunk):
             cls = self.own[lo:lo + chunk]
             rows = cls.to(self.device)
-            xs = self._decoded(leaf, draws.syn[cls], cls, draws.dsa)
+            xs = self._decoded(leaf, draws.factor, draws.syn[cls], cls, draws.dsa)
             xs = xs.view(len(cls), n_t, *xs.shape[1:])
             if self.class_batching == "vmap":
                 gs = torch.cat([g.reshape(len(cls), -1)
@@ -323,22 +319,24 @@ class Matcher:
 
     # ------------------------------------------------------------------ run
     def run_segment(self, images: torch.Tensor, pools: list[torch.Tensor], net_pool: torch.Tensor,
-                iterations: int, inner_steps: int, frozen: torch.Tensor | None = None,
-                segment: int = 0, lr_scale: float = 1.0,
-                starts: list[dict] | None = None) -> torch.Tensor:
-        """Run ``iterations`` outer iterations on the trainable ``images [C, n, ch, H, W]``.
+                    seg: Segment, frozen: tuple[torch.Tensor, int] | None = None,
+                    starts: list[dict] | None = None) -> torch.Tensor:
+        """Run segment ``seg``'s outer iterations on its trainable ``images [C, n, ch, H, W]``
+        (stored at ``seg.factor``), stepping by ``seg.lr_img``.
 
         pools: per-class real indices matched against; net_pool: real indices of the network's
-        updates; frozen: earlier segments (constants); lr_scale multiplies lr_img; starts:
-        state dicts that outer iteration ``i``'s network starts from (``starts[i % len]``)
-        instead of its fresh initialisation. Returns the distilled images.
+        updates; frozen: ``(images [C, n_f, ch, H, W], factor)`` of the earlier segments
+        (constants; :func:`dasm.synthetic.frozen_view`); starts: state dicts that outer
+        iteration ``i``'s network starts from (``starts[i % len]``) instead of its fresh
+        initialisation. Returns the distilled images.
         """
-        self.lr_scale = lr_scale
         from tqdm.auto import tqdm
 
+        segment, iterations, inner_steps = seg.index, seg.iterations, self.m.inner_steps
         images = images.to(self.device).float()
         start = images.clone()
         momentum = torch.zeros_like(images)
+        frozen, frozen_factor = frozen if frozen is not None else (None, None)
         n_frozen = 0 if frozen is None else frozen.shape[1]
         frozen = None if frozen is None else frozen.to(self.device).float()
         bar = tqdm(range(iterations), desc=f"segment {segment + 1}", disable=not self.progress,
@@ -353,8 +351,9 @@ class Matcher:
             opt = network_optimizer(model, self.m)
             images = images.clamp(0, 1)
             for _ in range(inner_steps):
-                draws = self.draw(pools, images.shape[1], n_frozen)
-                images, momentum, loss = self.step(model, draws, images, momentum, frozen)
+                draws = self.draw(pools, images.shape[1], n_frozen, seg.factor, frozen_factor)
+                images, momentum, loss = self.step(model, draws, images, momentum, frozen,
+                                                   seg.lr_img)
                 acc += loss
                 n_acc += 1
                 network_update(model, opt, self.real_images, self.ds.train_labels, net_pool,

@@ -1,16 +1,36 @@
-"""What each DASM segment gets: its IPC, its difficulty band and its matching budget.
+"""What each DASM segment gets: its IPC, factor, pool, matching networks, budget and image step.
 
-Pure functions of the resolved ``dasm`` / ``synthetic`` / ``match`` settings (no tensors), so
-the pre-run checks, the schedule and the benchmarks read one plan. Segment indices are 0-based.
+Pure functions of the resolved ``synthetic`` / ``match`` / ``dasm`` settings (no tensors), so the
+pre-run checks, the schedule, the matcher and the benchmarks read one plan. Segment indices are
+0-based; segment 0 is plain IDC (full pool, fresh networks) at its own factor.
 
-Bands are per-class difficulty ranks, easiest first, as fractions ``[lo, hi)`` of the class:
-segment 0 takes the whole class; segment ``k >= 1`` of ``K`` leaves out the easiest
-``lo_k = easy_drop * k / (K - 1)`` (``schedule: linear``; ``constant``: ``easy_drop``) and the
-hardest ``hard_drop`` (outliers, labels that look wrong), so the last segment's band reaches the
-hard end. Lists give every segment's value explicitly.
+**Alignment with the kept fraction.** ``phi = IPC / real images per class`` (the fraction of the
+class a set keeps when every image is stored at full resolution) decides the ``auto`` values
+(:func:`auto_plan`, applied by :mod:`dasm.rules`):
+
+==============  ============  ==========  ===================  ============================
+phi             factor        pools       matching networks    evidence
+==============  ============  ==========  ===================  ============================
+< PHI_LARGE     2 (IDC)       rank, full  fresh (IDC)          held-out IPC 100 (phi 0.02):
+                                                               the band and scorer warm
+                                                               starts each cost 1.4 points
+>= PHI_LARGE    1             lack        conditioned          held-out IPC 500 / 1000
+                                                               (phi 0.1 / 0.2), see below
+==============  ============  ==========  ===================  ============================
+
+The held-out ablation behind the large-phi row is ``results/accuracy-cpu-holdout-highipc.md``
+(its variants and decision rule were written into ``results/ablation-highipc-plan.json`` before
+any was run). PHI_LARGE = 0.05 lies between the two measured regimes (0.02 and 0.1); the
+crossover (IPC 150-300 on Fashion-MNIST) is not measured yet, so its exact place is open.
+
+Rank pools are per-class difficulty ranks, easiest first, as fractions ``[lo, hi)`` of the
+class: segment ``k >= 1`` of ``K`` leaves out the easiest ``lo_k = easy_drop * k / (K - 1)``
+(``schedule: linear``; ``constant``: ``easy_drop``) and the hardest ``hard_drop``; lists give
+every segment's value. Lack pools are built by :func:`dasm.scoring.lack_pools`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -18,6 +38,7 @@ from .errors import ConfigError
 AUTO = "auto"
 AUTO_MIN_IPC = 20  # segments: auto splits IPCs from here on into AUTO_SEGMENTS equal segments
 AUTO_SEGMENTS = 2
+PHI_LARGE = 0.05  # kept fraction from which the large-phi plan runs (table above)
 
 
 def segment_sizes(ipc: int, segments) -> list[int]:
@@ -37,6 +58,22 @@ def segment_sizes(ipc: int, segments) -> list[int]:
         raise ConfigError(f"config key 'dasm.segments': per-segment IPCs {segments} sum to "
                           f"{sum(segments)}, not synthetic.ipc={ipc}")
     return list(segments)
+
+
+def large_phi(ipc: int, real_per_class: int | None) -> bool:
+    """Whether the kept fraction ``ipc / real_per_class`` is in the large-phi regime (None:
+    the data's size is unknown, which the rules treat as small)."""
+    return bool(real_per_class) and ipc / real_per_class >= PHI_LARGE
+
+
+def auto_plan(ipc: int, num_segments: int, real_per_class: int | None) -> dict[str, object]:
+    """The ``auto`` values of the plan for images of ordinary size: ``synthetic.factor``,
+    ``dasm.pool``, ``dasm.match_init`` (the table of the module docstring). One segment has
+    no later segment: its pool and networks are IDC's whatever phi is."""
+    large = large_phi(ipc, real_per_class)
+    later = num_segments > 1 and large
+    return {"synthetic.factor": 1 if large else 2, "dasm.pool": "lack" if later else "rank",
+            "dasm.match_init": "conditioned" if later else "fresh"}
 
 
 def _per_segment(value, key: str, k: int, num_segments: int):
@@ -77,6 +114,14 @@ def iterations_for(d, match_iterations: int, k: int, num_segments: int) -> int:
     return match_iterations if it == AUTO else it
 
 
+def synthetic_batch(m, decoded_trainable: int, decoded_frozen: int) -> tuple[int, int]:
+    """Decoded images per class in a step's synthetic batch, ``(trainable, frozen)``, from the
+    ``match`` settings ``m`` and the decoded images per class of each side."""
+    bt = min(m.batch_syn, decoded_trainable)
+    bf = decoded_frozen if m.frozen_per_class == 0 else min(m.frozen_per_class, decoded_frozen)
+    return bt, bf
+
+
 @dataclass(frozen=True)
 class Segment:
     """One segment of the plan."""
@@ -84,22 +129,75 @@ class Segment:
     index: int  # 0-based
     ipc: int  # stored images per class
     start: int  # first slot of the segment in every class's ``n`` slots
-    easy_drop: float
+    factor: int  # multi-formation factor its images are stored at
+    pool: str  # "rank" | "lack"
+    easy_drop: float  # rank pools
     hard_drop: float
+    match_init: str  # "fresh" | "conditioned" | "scorer" (segment 0: always fresh)
     iterations: int  # outer matching iterations
+    batch: tuple[int, int]  # decoded (trainable, frozen) images per class in a synthetic batch
+    lr_img: float  # the image step (step parity applied)
+
+    @property
+    def decoded(self) -> int:
+        """Decoded images per class of this segment."""
+        return self.ipc * self.factor ** 2
 
     @property
     def full_pool(self) -> bool:
-        return self.easy_drop == 0.0 and self.hard_drop == 0.0
+        return self.index == 0 or self.pool == "rank" and self.easy_drop == self.hard_drop == 0
+
+    @property
+    def needs_scorer(self) -> bool:
+        """Whether the segment needs a network trained on S_<k for its pool or its starts."""
+        return self.index > 0 and (not self.full_pool or self.match_init == "scorer")
+
+    @property
+    def trainable_share(self) -> float:
+        bt, bf = self.batch
+        return bt / (bt + bf)
+
+
+def factors(cfg, num_segments: int) -> list[int]:
+    """Per-segment factors of a resolved config."""
+    f = cfg.synthetic.factor
+    if f == AUTO:
+        raise ConfigError("config key 'synthetic.factor' is auto: resolve the config first")
+    if isinstance(f, list):
+        return [int(_per_segment(f, "synthetic.factor", k, num_segments))
+                for k in range(num_segments)]
+    return [int(f)] * num_segments
 
 
 def plan(cfg) -> list[Segment]:
-    """Every segment of ``cfg`` (a :class:`~dasm.config.Config`). Raises ConfigError."""
-    sizes = segment_sizes(cfg.synthetic.ipc, cfg.dasm.segments)
+    """Every segment of a resolved ``cfg`` (:func:`dasm.rules.resolve`). Raises ConfigError.
+
+    The image step: IDC at any IPC N moves an image, per step and in expectation, by
+    lr(N) x P(sampled) / batch = (base N / 10) x (B / (N f^2)) / B = base / (10 f^2). A segment
+    of IPC n whose batch holds b_t trainable and b_f frozen decoded images moves one by
+    lr(n) x (b_t / (n f^2)) / (b_t + b_f) = share x base / (10 f^2), share = b_t / (b_t + b_f);
+    ``step_parity`` divides lr_img by the share, restoring IDC's movement.
+    """
+    d, m = cfg.dasm, cfg.match
+    sizes = segment_sizes(cfg.synthetic.ipc, d.segments)
     K = len(sizes)
+    fs = factors(cfg, K)
+    if AUTO in (d.pool, d.match_init) or isinstance(m.lr_img, str):
+        raise ConfigError("the config holds auto values (dasm.pool, dasm.match_init or "
+                          "match.lr_img): resolve it first")
     out = []
     for k, size in enumerate(sizes):
-        easy, hard = band_for(cfg.dasm, k, K)
-        out.append(Segment(k, size, sum(sizes[:k]), easy, hard,
-                           iterations_for(cfg.dasm, cfg.match.iterations, k, K)))
+        easy, hard = band_for(d, k, K)
+        frozen = sum(sizes[j] * fs[j] ** 2 for j in range(k))
+        batch = synthetic_batch(m, size * fs[k] ** 2, frozen)
+        share = batch[0] / (batch[0] + batch[1])
+        out.append(Segment(k, size, sum(sizes[:k]), fs[k], d.pool, easy, hard,
+                           "fresh" if k == 0 else d.match_init,
+                           iterations_for(d, m.iterations, k, K), batch,
+                           m.lr_img * (1.0 / share) if d.step_parity else m.lr_img))
     return out
+
+
+def condition_count(iterations: int, every: int) -> int:
+    """Conditioned networks a segment of ``iterations`` outer iterations trains."""
+    return math.ceil(iterations / every)

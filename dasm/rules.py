@@ -6,7 +6,12 @@
 key                    rule
 =====================  =================================================================
 device                 cuda when a CUDA device is present, else cpu
-synthetic.factor       2 (IDC), 1 for images under 16 px (8x8 digits lose 21 points with 2)
+dasm.segments          the number of segments ``segments: auto`` gives (dasm.plan)
+synthetic.factor       1 for images under 16 px (8x8 digits lose 21 points with 2); else by the
+                       kept fraction phi (dasm.plan.auto_plan): 2 (IDC) at small phi, 1 at large
+dasm.pool              rank when a band (easy_drop, hard_drop) is set; else rank (full pools)
+                       at small phi or K = 1, lack at large phi (dasm.plan)
+dasm.match_init        fresh at small phi or K = 1; conditioned at large phi (dasm.plan)
 match.metric           l1 for MNIST-likes, mse otherwise
 match.lr_img           1e-4 (MNIST-likes) or 5e-3, x (ipc/10) x (size/base)^2 x lr_img_scale;
                        base 28 for MNIST, 32 otherwise; ipc: the largest segment's
@@ -14,7 +19,6 @@ match.augment          color_crop_cutout (siamese DSA)
 match.net_augment      match.augment without cutout when CutMix is on
 eval.augment           color_crop_cutout_flip_scale_rotate, without cutout when CutMix is on,
                        without flip for digit sets and SVHN
-dasm.segments          the number of segments ``segments: auto`` gives (dasm.plan)
 =====================  =================================================================
 
 "MNIST-like" and the size base follow IDC's own table for the datasets it names (MNIST,
@@ -31,7 +35,7 @@ from .config import AUTO, Config, from_dict
 from .data import MNIST_LIKE, NO_FLIP
 from .dsa import Strategy
 from .errors import ConfigError
-from .plan import segment_sizes
+from .plan import auto_plan, segment_sizes
 
 
 IDC_TABLE = {"mnist": (True, 28), "mnist5k": (True, 28), "fashion-mnist": (True, 32),
@@ -48,6 +52,7 @@ class DataFacts:
     image_size: tuple[int, int]
     channels: int
     cuda: bool
+    real_per_class: int | None = None  # fewest training images of a class (None: unknown)
 
     @property
     def idc_rule(self) -> tuple[bool, int]:
@@ -83,16 +88,34 @@ def _eval_augment(d: dict, facts: DataFacts) -> str:
     return str(st)
 
 
+def _band_set(dasm: dict) -> bool:
+    return any(v for key in ("easy_drop", "hard_drop")
+               for v in (dasm[key] if isinstance(dasm[key], list) else [dasm[key]]))
+
+
+def _plan_rule(key: str) -> "Rule":
+    def rule(d: dict, facts: DataFacts):
+        if key == "synthetic.factor" and min(facts.image_size) < SMALL_IMAGE:
+            return 1
+        if key == "dasm.pool" and _band_set(d["dasm"]):
+            return "rank"  # a band was asked for
+        K = len(segment_sizes(d["synthetic"]["ipc"], d["dasm"]["segments"]))
+        return auto_plan(d["synthetic"]["ipc"], K, facts.real_per_class)[key]
+    return rule
+
+
 Rule = Callable[[dict, DataFacts], Any]
 RULES: list[tuple[str, Rule]] = [
     ("device", lambda d, f: "cuda" if f.cuda else "cpu"),
-    ("synthetic.factor", lambda d, f: 1 if min(f.image_size) < SMALL_IMAGE else 2),
+    ("dasm.segments", lambda d, f: len(segment_sizes(d["synthetic"]["ipc"], AUTO))),
+    ("synthetic.factor", _plan_rule("synthetic.factor")),
+    ("dasm.pool", _plan_rule("dasm.pool")),
+    ("dasm.match_init", _plan_rule("dasm.match_init")),
     ("match.metric", lambda d, f: "l1" if f.mnist_like else "mse"),
     ("match.lr_img", _lr_img),
     ("match.augment", lambda d, f: "color_crop_cutout"),
     ("match.net_augment", _net_augment),
     ("eval.augment", _eval_augment),
-    ("dasm.segments", lambda d, f: len(segment_sizes(d["synthetic"]["ipc"], AUTO))),
 ]
 STRATEGY_KEYS = ("match.augment", "match.net_augment", "eval.augment")
 
@@ -105,11 +128,13 @@ def _node(d: dict, key: str) -> tuple[dict, str]:
 
 
 def resolve(cfg: Config, dataset_name: str, image_size: tuple[int, int], cuda: bool,
-            channels: int = 1) -> Config:
-    """``cfg`` with every ``auto`` filled by :data:`RULES`; the result is what a run saves."""
+            channels: int = 1, real_per_class: int | None = None) -> Config:
+    """``cfg`` with every ``auto`` filled by :data:`RULES`; the result is what a run saves.
+    Without ``real_per_class`` the plan's rules take the kept fraction as small."""
     if cfg.device == "cuda" and not cuda:
         raise ConfigError("config key 'device': cuda was asked for but no CUDA device is present")
-    facts = DataFacts(dataset_name.split(":", 1)[0], tuple(image_size), channels, cuda)
+    facts = DataFacts(dataset_name.split(":", 1)[0], tuple(image_size), channels, cuda,
+                      real_per_class)
     d = cfg.to_dict()
     for key, rule in RULES:
         node, leaf = _node(d, key)
@@ -119,3 +144,12 @@ def resolve(cfg: Config, dataset_name: str, image_size: tuple[int, int], cuda: b
         node, leaf = _node(d, key)
         Strategy.parse(node[leaf], key)
     return from_dict(d)
+
+
+def resolve_for(cfg: Config, dataset) -> Config:
+    """:func:`resolve` with every fact taken from ``dataset`` (a :class:`~dasm.data.Dataset`)
+    and the CUDA devices of this process."""
+    import torch
+
+    return resolve(cfg, dataset.name, dataset.image_size, torch.cuda.is_available(),
+                   dataset.channels, min(len(i) for i in dataset.class_index()))

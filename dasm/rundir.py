@@ -17,7 +17,7 @@ import torch
 
 from . import distributed, io, runtime
 from .config import Config, from_dict
-from .rules import resolve
+from .rules import resolve_for
 from .data import Dataset, dataset_from_config
 from .errors import ConfigError, DasmError, RunDirError
 from .matching import check_engine
@@ -106,7 +106,7 @@ def preflight(cfg: Config, ds: Dataset) -> None:
     check_engine(cfg)
     segments = plan(cfg)
     counts = [len(i) for i in ds.class_index()]
-    needs = [real_needed(cfg.synthetic.init, s.ipc, cfg.synthetic.factor) for s in segments]
+    needs = [real_needed(cfg.synthetic.init, s.ipc, s.factor) for s in segments]
     for c, n in enumerate(counts):
         if sum(needs) > n:
             raise ConfigError(
@@ -115,6 +115,8 @@ def preflight(cfg: Config, ds: Dataset) -> None:
                 f"{cfg.synthetic.ipc}, factor {cfg.synthetic.factor}) need {sum(needs)} that no "
                 f"two inits share")
     for s, need in zip(segments, needs):
+        if s.pool != "rank":
+            continue  # a lack pool is topped up from the class to what its init needs
         for c, n in enumerate(counts):
             pool = n - int(s.easy_drop * n) - int(s.hard_drop * n)
             if pool < max(need, 1):
@@ -159,7 +161,7 @@ def prepare(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None 
     refused (nothing is overwritten); with ``resume`` its saved config must have this identity.
     """
     ds = dataset if dataset is not None else dataset_from_config(cfg.data)
-    cfg = resolve(cfg, ds.name, ds.image_size, torch.cuda.is_available(), ds.channels)
+    cfg = resolve_for(cfg, ds)
     preflight(cfg, ds)
     ctx = distributed.init_from_env(cfg.dist.backend, cfg.dist.timeout_s)
     run = RunDir(out)

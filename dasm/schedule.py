@@ -3,21 +3,24 @@
 ::
 
     S_<1 = {}
-    for segment k = 1..K (dasm.plan: sizes, bands, budgets):
-        k == 1: pool_k = every real image of the class; matching networks start fresh (IDC)
-        k >= 2: f_k = the matching architecture trained on decoded S_<k (dasm.scorer_epochs,
-                      evaluation protocol), with dasm.warm_starts snapshots of its weights
-                d = per-sample difficulty of every real image under f_k (loss | el2n | margin)
-                pool_k = per class the ranks [easy_drop_k, 1 - hard_drop) of d, easiest first
-                         (easy_drop_k grows with k: the band moves toward the hard end)
-                match_init = scorer: outer iteration i of segment k starts its matching network
-                         from snapshot i mod warm_starts of f_k (then trains on real data as IDC)
-        S_k = init from pool_k (real images no earlier init used)
+    plan (dasm.plan, from the kept fraction phi): per segment its IPC, factor, pool rule,
+         matching networks, budget and image step
+    for segment k = 1..K:
+        k == 1: pool_k = every real image of the class; fresh matching networks (IDC)
+        k >= 2, when its pool or networks need one:
+                f_k = the matching architecture trained on decoded S_<k (dasm.scorer_epochs)
+                pool = lack: per class the real images f_k misclassifies or holds with margin
+                             < lack_margin, minus the hardest tail_drop by loss, plus a seeded
+                             coverage share of the rest (topped up to what the init needs)
+                       rank: the difficulty ranks [easy_drop_k, 1 - hard_drop) (full: 0, 0)
+                networks = conditioned: every condition_every outer iterations a fresh network
+                             trained condition_epochs on decoded S_<k starts the iteration
+                           fresh: IDC's; scorer: snapshots of f_k
+        S_k = init from pool_k at factor f_k (real images no earlier init used)
         distil S_k by IDC matching against pool_k, S_<k frozen on the synthetic side, for the
-              segment's iterations; step_parity: lr_img / (trainable share of the synthetic
-              batch), so each trainable image moves as far per step as in IDC
+              segment's iterations at the plan's image step (step parity)
         checkpoint (atomic; the generator state included); grid_seg<k>.png
-    S = S_1 ∪ … ∪ S_K
+    S = S_1 ∪ … ∪ S_K, each segment stored at its own factor
 
 K = 1 is plain IDC, bit for bit. ``--resume`` continues after the last finished segment and
 gives the same set as an uninterrupted run.
@@ -34,11 +37,11 @@ from .config import Config
 from .data import Dataset, to_float
 from .errors import ConfigError
 from .matching import Matcher
-from .plan import Segment, plan
+from .plan import Segment, condition_count, plan
 from .rundir import prepare
-from .scoring import band_pools, difficulty, score_dataset
-from .synthetic import SyntheticSet, initialise, real_needed, save_grid
-from .train import train_scorer
+from .scoring import band_pools, difficulty, lack_pools, score_dataset
+from .synthetic import SyntheticSet, frozen_view, initialise, real_needed, save_grid
+from .train import train_conditioned, train_scorer
 
 
 def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset | None = None,
@@ -49,7 +52,8 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
     progress = (cfg.runtime.progress if progress is None else progress) and ctx.is_main
     device = distributed.device_for(ctx, cfg.device)
     segments = plan(cfg)
-    C, f, d = ds.num_classes, cfg.synthetic.factor, cfg.dasm
+    C, d = ds.num_classes, cfg.dasm
+    sizes, factors = [s.ipc for s in segments], [s.factor for s in segments]
     stored = torch.zeros(C, cfg.synthetic.ipc, ds.channels, *ds.image_size)  # [C, n, ch, H, W]
     used = torch.zeros(ds.train_images.shape[0], dtype=torch.bool)  # real images an init took
     gen = rng.generator(cfg.seed)
@@ -64,36 +68,42 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
     for seg in segments[done:]:
         t0 = time.perf_counter()
         earlier = stored[:, :seg.start]
-        pools, starts = list(class_index), None
-        warm = d.match_init == "scorer"
-        if seg.index > 0 and (warm or not seg.full_pool):
-            x, y = SyntheticSet(earlier, f, [seg.start]).decoded()
+        pools, starts, pool_stats = list(class_index), None, {}
+        need = real_needed(cfg.synthetic.init, seg.ipc, seg.factor)
+        if seg.index > 0 and (seg.needs_scorer or seg.match_init == "conditioned"):
+            x, y = SyntheticSet(earlier, factors[:seg.index], sizes[:seg.index]).decoded()
+        if seg.needs_scorer:
+            warm = seg.match_init == "scorer"
             scorer, snapshots = train_scorer(cfg, ds, x, y, gen, device,
                                              d.warm_starts if warm else 0, progress)
             if not seg.full_pool:
-                hardness = difficulty(score_dataset(scorer, ds), d.score)
-                pools = band_pools(hardness, class_index, seg.easy_drop, seg.hard_drop, ds.classes)
+                scores = score_dataset(scorer, ds)
+                if seg.pool == "lack":
+                    pools, pool_stats = lack_pools(scores, class_index, d.lack_margin,
+                                                   d.tail_drop, d.coverage, need, ~used, gen)
+                else:
+                    pools = band_pools(difficulty(scores, d.score), class_index, seg.easy_drop,
+                                       seg.hard_drop, ds.classes)
             starts = snapshots if warm else None
             del scorer
-        init = initialise(cfg.synthetic.init, _init_images(ds, pools, used, seg, cfg, gen), C,
-                          seg.ipc, ds.channels, ds.image_size, f, gen)
+        if seg.index > 0 and seg.match_init == "conditioned":
+            nets = train_conditioned(cfg, ds, x, y, gen, device,
+                                     condition_count(seg.iterations, d.condition_every), progress)
+            starts = [nets[i // d.condition_every] for i in range(seg.iterations)]
+        init = initialise(cfg.synthetic.init, _init_images(ds, pools, used, seg, need, gen), C,
+                          seg.ipc, ds.channels, ds.image_size, seg.factor, gen)
         net_pool = torch.arange(ds.train_images.shape[0]) if d.net_data == "full" \
             else torch.cat(pools)
-        # step parity: IDC at any IPC N moves an image, per step and in expectation, by
-        # lr(N) x P(sampled) / batch = (base N/10) x (128 / (N f^2)) / 128 = base / (10 f^2).
-        # Here lr is the rule at the segment's IPC n and the batch holds n_t trainable + n_f
-        # frozen images: lr(n) x (n_t / (n f^2)) / (n_t + n_f) = share x base / (10 f^2), so
-        # dividing the step by share = n_t / (n_t + n_f) restores IDC's movement.
-        share = matcher.trainable_share(seg.ipc, seg.start)
-        lr_scale = 1.0 / share if d.step_parity else 1.0
         run.log({"event": "segment_start", "segment": seg.index, "ipc": seg.ipc,
+                 "factor": seg.factor, "pool": "full" if seg.full_pool else seg.pool,
                  "easy_drop": seg.easy_drop, "hard_drop": seg.hard_drop,
-                 "pool_sizes": [len(p) for p in pools], "iterations": seg.iterations,
-                 "warm_starts": len(starts or []), "trainable_share": share,
-                 "lr_img": cfg.match.lr_img * lr_scale})
-        result = matcher.run_segment(init, pools, net_pool, seg.iterations,
-                                     cfg.match.inner_steps, frozen=earlier if seg.start else None,
-                                     segment=seg.index, lr_scale=lr_scale, starts=starts)
+                 "pool_sizes": [len(p) for p in pools], **pool_stats,
+                 "iterations": seg.iterations, "match_init": seg.match_init,
+                 "network_starts": len({id(s) for s in starts or []}),
+                 "trainable_share": seg.trainable_share, "lr_img": seg.lr_img})
+        frozen = frozen_view(earlier, sizes[:seg.index], factors[:seg.index]) if seg.start \
+            else None
+        result = matcher.run_segment(init, pools, net_pool, seg, frozen=frozen, starts=starts)
         stored[:, seg.start:seg.start + seg.ipc] = ctx.join_classes(result).cpu()
         if ctx.is_main:
             run.save_checkpoint(seg.index + 1, {"segment": seg.index + 1, "stored": stored,
@@ -102,7 +112,7 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
             save_grid(stored[:, seg.start:seg.start + seg.ipc], run.grid(seg.index + 1))
         run.log({"event": "segment_done", "segment": seg.index,
                  "seconds": round(time.perf_counter() - t0, 2)})
-    sset = SyntheticSet(stored, f, [s.ipc for s in segments], ds.name, ds.classes, ds.mean,
+    sset = SyntheticSet(stored, factors, sizes, ds.name, ds.classes, ds.mean,
                         ds.std, {"method": "dasm" if len(segments) > 1 else "idc",
                                  "config_identity": cfg.identity(), "seed": cfg.seed})
     if ctx.is_main:
@@ -113,11 +123,10 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
 
 
 def _init_images(ds: Dataset, pools: list[torch.Tensor], used: torch.Tensor, seg: Segment,
-                 cfg: Config, gen: torch.Generator) -> torch.Tensor | None:
+                 need: int, gen: torch.Generator) -> torch.Tensor | None:
     """``[C, need, ch, H, W]`` float real images for segment ``seg``'s init: per class a seeded
     draw from its pool among images no earlier init used (marked in ``used``); None if the init
     needs none."""
-    need = real_needed(cfg.synthetic.init, seg.ipc, cfg.synthetic.factor)
     if not need:
         return None
     chosen = []
@@ -126,7 +135,7 @@ def _init_images(ds: Dataset, pools: list[torch.Tensor], used: torch.Tensor, seg
         if len(free) < need:
             raise ConfigError(f"segment {seg.index + 1}: class {ds.classes[c]!r} has {len(free)} "
                               f"real images in its band that no earlier init used; the init "
-                              f"needs {need} (narrow dasm.easy_drop/hard_drop)")
+                              f"needs {need} (narrow dasm.easy_drop/hard_drop, or lower dasm.tail_drop)")
         chosen.append(free[torch.randperm(len(free), generator=gen)[:need]])
     pick = torch.stack(chosen)
     used[pick.reshape(-1)] = True

@@ -1,4 +1,5 @@
-"""Per-sample difficulty of every real training image under a network, and DASM's pools.
+"""Per-sample difficulty of every real training image under a network, and DASM's pools
+(rank bands and lack pools).
 
 Scores (``ops.sample_scores``): cross-entropy loss, EL2N (|softmax - onehot|_2) and margin (true
 logit minus the best other), without augmentation, in large batches (bf16 autocast and
@@ -6,6 +7,7 @@ channels_last on CUDA). Difficulty grows with loss and EL2N and falls with margi
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -84,3 +86,40 @@ def band_pools(hardness: torch.Tensor, class_index: list[torch.Tensor], easy_dro
                               f"({n} images)")
         pools.append(idx[order[lo:hi]])
     return pools
+
+
+def lack_pools(scores: dict[str, torch.Tensor], class_index: list[torch.Tensor],
+               lack_margin: float, tail_drop: float, coverage: float, need: int,
+               free: torch.Tensor, generator: torch.Generator):
+    """Per class, the real images a network trained on S_<k lacks (DASM's pool of segment k).
+
+    scores: ``{"loss", "margin"} -> [N]`` under that network; free: ``[N]`` bool, images no
+    earlier init used; need: images the segment's init draws per class. Per class:
+    ``tail`` = the hardest ``floor(tail_drop * n)`` by loss (outliers, doubtful labels);
+    ``lacking`` = margin below ``lack_margin``, outside the tail; ``rest`` = neither. The pool is
+    ``lacking`` plus a seeded random share of ``rest`` of size
+    ``ceil(coverage / (1 - coverage) * |lacking|)`` (so ``coverage`` is the rest's share of the
+    pool), topped up from the rest, in the same seeded order, until it holds ``need`` free images.
+
+    Returns ``(pools, stats)``: ascending index tensors, and per-class counts
+    ``{"lacking", "coverage", "topped_up"}``.
+    """
+    pools, stats = [], {"lacking": [], "coverage": [], "topped_up": []}
+    for idx in class_index:
+        n = len(idx)
+        order = torch.argsort(scores["loss"][idx], descending=True, stable=True)
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[order[:int(tail_drop * n)]] = False
+        lacking = keep & (scores["margin"][idx] < lack_margin)
+        rest = (keep & ~lacking).nonzero().squeeze(1)
+        rest = rest[torch.randperm(len(rest), generator=generator)]
+        share = min(len(rest), math.ceil(coverage / (1 - coverage) * int(lacking.sum())))
+        chosen = lacking.clone()
+        chosen[rest[:share]] = True
+        short = need - int((chosen & free[idx]).sum())
+        extra = rest[share:][free[idx][rest[share:]]][:max(short, 0)]
+        chosen[extra] = True
+        pools.append(idx[chosen])
+        for key, v in zip(stats, (int(lacking.sum()), share, len(extra))):
+            stats[key].append(v)
+    return pools, stats

@@ -4,10 +4,11 @@ Stored images are class-major ``[C, n, ch, H, W]`` float32 in [0, 1] (``n`` = IP
 multi-formation factor ``f`` each stored image holds ``f x f`` tiles and decodes to ``f^2``
 training images (IDC). Segments split every class's ``n`` slots into consecutive runs
 (``segment_sizes``), distilled one after another by DASM; segment ``k`` of every class is
-``images[:, start_k:start_k + size_k]``.
+``images[:, start_k:start_k + size_k]`` and is stored at its own factor ``f_k``.
 
 ``synthetic.safetensors`` holds ``images [C*n, ch, H, W]``, ``labels [C*n]`` and
-``segment [C*n]`` plus string metadata (see :data:`META_KEYS`).
+``segment [C*n]`` plus string metadata (see :data:`META_KEYS`); ``factor`` is one integer when
+every segment shares it (all files written before per-segment factors) or a JSON list.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ META_KEYS = ("format", "format_version", "dataset", "classes", "channels", "imag
 @dataclass
 class SyntheticSet:
     images: torch.Tensor  # [C, n, ch, H, W] float32 in [0, 1]
-    factor: int
+    factor: int | list[int]  # one for every segment, or one per segment
     segment_sizes: list[int]
     dataset: str = ""
     classes: list[str] = field(default_factory=list)
@@ -46,6 +47,19 @@ class SyntheticSet:
         if sum(self.segment_sizes) != self.images.shape[1]:
             raise ValueError(f"segment sizes {self.segment_sizes} do not add up to "
                              f"{self.images.shape[1]} images per class")
+        if isinstance(self.factor, list):
+            if len(self.factor) != len(self.segment_sizes) or min(self.factor) < 1:
+                raise ValueError(f"factors {self.factor} do not fit segments "
+                                 f"{self.segment_sizes}")
+            if len(set(self.factor)) == 1:
+                self.factor = self.factor[0]
+
+    @property
+    def factors(self) -> list[int]:
+        """The factor of every segment."""
+        if isinstance(self.factor, list):
+            return list(self.factor)
+        return [self.factor] * len(self.segment_sizes)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -62,27 +76,26 @@ class SyntheticSet:
 
     @property
     def decoded_per_class(self) -> int:
-        return self.ipc * self.factor ** 2
+        return sum(n * f * f for n, f in zip(self.segment_sizes, self.factors))
 
     # ----------------------------------------------------------------- decode
     def decoded(self, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """All training images ``[C * n * f^2, ch, H, W]`` (class-major) and labels."""
-        C, n = self.images.shape[:2]
-        flat = self.images.reshape(C * n, *self.images.shape[2:])
+        """All training images ``[C * decoded_per_class, ch, H, W]`` (class-major; within a
+        class segment by segment) and labels."""
+        C = self.images.shape[0]
         mean = std = None
         if normalize:
-            mean = torch.tensor(self.mean, dtype=torch.float32, device=flat.device)
-            std = torch.tensor(self.std, dtype=torch.float32, device=flat.device)
-        with torch.no_grad():
-            x = ops.decode_augment(flat, self.factor, None, None, mean, std)
-        labels = torch.arange(C, device=flat.device).repeat_interleave(n * self.factor ** 2)
-        return x, labels
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=self.images.device)
+            std = torch.tensor(self.std, dtype=torch.float32, device=self.images.device)
+        x = decode_segments(self.images, self.segment_sizes, self.factors, mean, std)
+        labels = torch.arange(C, device=x.device).repeat_interleave(self.decoded_per_class)
+        return x.reshape(-1, *x.shape[2:]), labels
 
     # -------------------------------------------------------------- save/load
     def metadata(self, version: str) -> dict[str, str]:
         meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "dataset": self.dataset,
                 "classes": json.dumps(self.classes), "channels": str(self.images.shape[2]),
-                "image_size": json.dumps(list(self.image_size)), "factor": str(self.factor),
+                "image_size": json.dumps(list(self.image_size)), "factor": json.dumps(self.factor),
                 "mean": json.dumps(list(self.mean)), "std": json.dumps(list(self.std)),
                 "ipc": str(self.ipc), "segments": json.dumps(self.segment_sizes),
                 "version": version}
@@ -124,7 +137,10 @@ class SyntheticSet:
         try:
             classes = json.loads(meta["classes"])
             segments = [int(s) for s in json.loads(meta["segments"])]
-            ipc, factor = int(meta["ipc"]), int(meta["factor"])
+            ipc, factor = int(meta["ipc"]), json.loads(meta["factor"])
+            if not (isinstance(factor, int) or isinstance(factor, list) and all(
+                    isinstance(f, int) for f in factor)):
+                raise ValueError(f"factor {meta['factor']!r} is not an integer or a list of them")
             images = tensors["images"]
             C = len(classes)
             if images.shape[0] != C * ipc or sum(segments) != ipc:
@@ -139,6 +155,32 @@ class SyntheticSet:
                        tuple(json.loads(meta["std"])), extra)
         except (ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
             raise RunDirError(f"corrupt synthetic set {path}: {e}") from None
+
+
+# ----------------------------------------------------------------------- decoding
+@torch.no_grad()
+def decode_segments(stored: torch.Tensor, sizes: list[int], factors: list[int], mean=None,
+                    std=None) -> torch.Tensor:
+    """Decoded images ``[C, sum_k n_k f_k^2, ch, H, W]`` of class-major ``stored [C, n, ...]``
+    whose consecutive segments of ``sizes`` are stored at ``factors`` (optionally normalised)."""
+    C = stored.shape[0]
+    parts, start = [], 0
+    for n, f in zip(sizes, factors):
+        flat = stored[:, start:start + n].reshape(C * n, *stored.shape[2:])
+        parts.append(ops.decode_augment(flat, f, None, None, mean, std)
+                     .reshape(C, n * f * f, *stored.shape[2:]))
+        start += n
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def frozen_view(stored: torch.Tensor, sizes: list[int], factors: list[int]):
+    """The frozen earlier segments ``stored [C, sum(sizes), ...]`` as the matcher reads them:
+    ``(images, factor)``: the stored images and their factor when every segment shares one, else
+    the decoded images at factor 1 (decoding first, then augmenting, is the same mathematics
+    as the fused decode + augment)."""
+    if len(set(factors)) == 1:
+        return stored, factors[0]
+    return decode_segments(stored, sizes, factors), 1
 
 
 # ------------------------------------------------------------------------ inits

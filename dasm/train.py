@@ -234,6 +234,20 @@ def train_scorer(cfg, dataset: Dataset, images: torch.Tensor, labels: torch.Tens
     return model, saved
 
 
-def equal_step_epochs(epochs: int, factor: int) -> int:
-    """Epochs of a decoded set that give it the SGD steps of a real subset at equal IPC."""
-    return max(1, math.ceil(epochs / factor ** 2))
+def train_conditioned(cfg, dataset: Dataset, images: torch.Tensor, labels: torch.Tensor,
+                      generator: torch.Generator, device, count: int,
+                      progress: bool = False) -> list[dict]:
+    """The starts of a segment's conditioned matching networks (SeqMatch, PDD): ``count`` fresh
+    networks of the matching architecture, each trained ``dasm.condition_epochs`` epochs on the
+    decoded earlier segments ``images``/``labels`` by the evaluation protocol. Returns their
+    state dicts."""
+    settings = TrainSettings.from_eval(cfg.eval, cfg.dasm.condition_epochs)
+    return [train_new(model_options(cfg.model), images, labels, dataset, settings, generator,
+                      device, progress, desc=f"condition {j + 1}/{count}",
+                      data_parallel=True).state_dict() for j in range(count)]
+
+
+def equal_step_epochs(epochs: int, stored: int, decoded: int) -> int:
+    """Epochs of a set of ``decoded`` training images (from ``stored`` images per class) that
+    give it the SGD steps of a real subset at equal IPC: ``ceil(epochs * stored / decoded)``."""
+    return max(1, -(-epochs * stored // decoded))

@@ -28,12 +28,7 @@ def start_images(ds, n, factor=2, seed=0):
 
 def step_loss(m, model, draws, images, frozen=None):
     """Loss of the batched step, without updating anything."""
-    zero = torch.zeros_like(images)
-    saved, m.lr_scale = m.lr_scale, 0.0  # a step of size zero
-    try:
-        return m.step(model, draws, images, zero, frozen)[2]
-    finally:
-        m.lr_scale = saved
+    return m.step(model, draws, images, torch.zeros_like(images), frozen, lr_img=0.0)[2]
 
 
 def test_step_lowers_match_loss_on_fixed_network(tiny_ds):
