@@ -1,27 +1,30 @@
-"""Accuracy protocol (PROTOCOL.md): methods x IPC x distillation seeds, evaluated identically.
+"""Accuracy protocol (docs/protocol.md): methods x IPC x distillation seeds, evaluated identically.
 
     python benchmarks/accuracy.py --profile configs/profiles/cpu.yaml            # test split
-    python benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --holdout \
-        --ipc 100 --methods idc dasm dasm-fresh dasm-no-band dasm-no-parity   # ablation
+    python benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --holdout --tag highipc \
+        --ipc 1000 500 --seeds 0 --methods idc-f1 dasm-all dasm-lack ...           # ablation
 
-Methods (:data:`METHODS`): ``random`` (seeded real subset), ``idc`` (one segment, full pool),
-``idc-compute`` (idc given as many matching steps in total as the whole dasm run at that IPC:
-the equal-compute budget), ``dasm`` (the package's defaults), ``dasm-*`` (one DASM piece
-switched off each: the ablation), ``easy`` / ``hard`` (real subsets by loss under a full-data
-network). Distillation seeds come from ``benchmark.seeds`` at IPC >= 50 (the first one below).
+Methods (:data:`METHODS`): ``random`` (seeded real subset), ``idc`` (one segment, factor 2),
+``idc-f1`` (one segment, factor 1), ``idc-compute`` (idc given as many matching steps in total as
+the whole dasm run at that IPC: the equal-compute budget), ``dasm`` (the package's defaults: the
+plan of :mod:`dasm.plan`), ``dasm-*`` (named variants: the v3 ablation at factor 1 and last
+round's), ``easy`` / ``hard`` (real subsets by loss under a full-data network). dasm is compared
+with the best of :data:`BASELINES` per distillation seed. Distillation seeds come from
+``benchmark.seeds`` at IPC >= 50 (the first one below).
 
 Every run lives in ``runs/accuracy/<name>/<method>-ipc<N>-seed<S>-<config identity>`` and is
-reused when complete, with its evaluation when ``eval.json`` holds one of the same protocol: an
-interrupted sweep resumes where it stopped, and a changed setting makes new runs, never reuses
-stale ones.
+reused when complete, with its evaluation when ``eval.json`` holds one of the same protocol; a
+record already in the results file with the same identity, epochs and repeats is reused without
+``runs/`` at all (a sweep moved to a new machine runs only what is missing). A changed setting
+makes new runs, never reuses stale ones.
 
 Outputs (``--tag`` adds a suffix to the name ``<profile>[-holdout]``): ``results/accuracy-<name>
-.json`` (one record per evaluated run: method, ipc, seed, budget, accuracies as fractions, mean,
-std, wall seconds, config identity), ``.md`` (mean +- std over seeds x repeats, the paired
-difference dasm - idc per seed at both budgets) and ``.png`` (accuracy against IPC for the
-contenders, full-data line, and a panel of dasm - idc). With ``--holdout`` the test split is
-replaced by ``benchmark.holdout_per_class`` held-out training images per class and the markdown
-also goes to ``results/ablation-<profile>.md``.
+.json`` (a header with the exact command, the commit and the machine; one record per evaluated
+run: method, ipc, seed, budget, accuracies as fractions, mean, std, wall seconds, config
+identity), ``.md`` (mean ± std per method and IPC, the paired difference to the best baseline,
+wall times) and ``.png`` (accuracy against IPC with the full-data line, and a panel of dasm minus
+the best baseline). With ``--holdout`` the test split is replaced by
+``benchmark.holdout_per_class`` held-out training images per class.
 """
 from __future__ import annotations
 
@@ -165,7 +168,7 @@ def main():
     recorded = json.loads(results_path.read_text()).get("runs", []) \
         if results_path.exists() else []
     if a.report:
-        return report(results_path, name, split, ipcs, methods, a.holdout and not a.tag, profile)
+        return report(results_path, name, split, ipcs, methods)
 
     full = None
     if any(m in ("easy", "hard") for m in methods) or not a.no_full_data:
@@ -210,7 +213,7 @@ def main():
                 print(f"  ipc {ipc:4d} seed {seed} {method:15s} {rec['mean'] * 100:6.2f} +- "
                       f"{rec['std'] * 100:.2f}  (distill {rec['distill_seconds']:.0f} s, eval "
                       f"{rec['eval_seconds']:.0f} s)", flush=True)
-    report(results_path, name, split, ipcs, methods, a.holdout and not a.tag, profile)
+    report(results_path, name, split, ipcs, methods)
     print(f"sweep wall time {(time.perf_counter() - t_start) / 60:.1f} min -> {results_path}")
 
 
@@ -243,16 +246,14 @@ def merge(path: Path, header: dict, record: dict) -> None:
         io.write_json(path, {**header, "runs": runs})
 
 
-def report(path: Path, name: str, split: str, ipcs, methods, ablation: bool, profile: str):
+def report(path: Path, name: str, split: str, ipcs, methods):
     """The markdown table and the plot of every run in the results file."""
     records = json.loads(path.read_text())["runs"]
     present = {r["method"] for r in records}
     methods = [m for m in METHODS if m in present and (m in methods or m in CONTENDERS)]
-    ipcs = sorted({r["ipc"] for r in records if r["ipc"] is not None} & set(ipcs)) or ipcs
+    ipcs = sorted({r["ipc"] for r in records if r["ipc"] is not None}) or ipcs  # the whole file
     md = markdown(records, ipcs, methods, split)
     io.write_text(RESULTS / f"accuracy-{name}.md", md)
-    if ablation:
-        io.write_text(RESULTS / f"ablation-{profile}.md", md)
     plot(records, ipcs, methods, RESULTS / f"accuracy-{name}.png", f"{name} ({split} split)")
     print(md)
 
@@ -301,9 +302,23 @@ def pooled(records, method, ipc):
 
 
 def paired(records, ipc, a="dasm", b="idc"):
-    """Per-seed differences ``a - b`` of the mean accuracies (points), seeds present in both."""
+    """Per-seed differences ``a - b`` of the mean accuracies (points), seeds present in both;
+    ``b = "best"``: the best of :data:`BASELINES` present for that seed."""
     by = {(r["method"], r["seed"]): r["mean"] for r in records if r["ipc"] == ipc}
+    if b == "best":
+        out = []
+        for (m, seed), v in by.items():
+            base = [by[(x, seed)] for x in BASELINES if (x, seed) in by]
+            if m == a and base:
+                out.append((v - max(base)) * 100)
+        return out
     return [(by[(a, s)] - by[(b, s)]) * 100 for (m, s) in by if m == a and (b, s) in by]
+
+
+def full_data_line(records):
+    """The full-data record with the most epochs (the evaluation protocol's), and the others."""
+    full = sorted((r for r in records if r["method"] == "full-data"), key=lambda r: -r["epochs"])
+    return (full[0] if full else None), full[1:]
 
 
 def _mean_std(values):
@@ -314,31 +329,45 @@ def _mean_std(values):
 
 def markdown(records, ipcs, methods, split) -> str:
     cols = ["method", "budget"] + [f"IPC {i}" for i in ipcs]
-    rows = []
+    rows, times = [], []
     for method in methods:
         row = {"method": method,
                "budget": budget_of(method) if METHODS[method] is not None else "-"}
+        t = {"method": method, "budget": "min"}
         for ipc in ipcs:
             accs, seeds = pooled(records, method, ipc)
             ms = _mean_std([x * 100 for x in accs])
             shape = f"{len(seeds)}×{len(accs) // max(len(seeds), 1)}"  # seeds x repeats
             row[f"IPC {ipc}"] = f"{ms[0]:.2f} ± {ms[1]:.2f} ({shape})" if ms else ""
+            rs = [r for r in records if r["method"] == method and r["ipc"] == ipc]
+            if rs:
+                d = statistics.fmean(r.get("distill_seconds", 0) for r in rs) / 60
+                e = statistics.fmean(r.get("eval_seconds", 0) for r in rs) / 60
+                t[f"IPC {ipc}"] = f"{d:.0f} + {e:.0f}"
         rows.append(row)
-    lead = "dasm" if "dasm" in methods else "dasm-design"
-    for other in [m for m in methods if m not in (lead, "random", "easy", "hard")]:
-        row = {"method": f"{lead} − {other}", "budget": "paired"}
-        for ipc in ipcs:
-            diffs = paired(records, ipc, lead, other)
-            d = _mean_std(diffs)
-            row[f"IPC {ipc}"] = f"{d[0]:+.2f} ± {d[1]:.2f} (n={len(diffs)})" if d else ""
-        rows.append(row)
+        times.append(t)
+    lead = [m for m in methods if m.startswith("dasm")]
+    for a in lead:
+        for other, budget in (("best", "paired"), ("idc-compute", "paired, equal compute")):
+            row = {"method": f"{a} − {'best baseline' if other == 'best' else other}",
+                   "budget": budget}
+            for ipc in ipcs:
+                diffs = paired(records, ipc, a, other)
+                d = _mean_std(diffs)
+                row[f"IPC {ipc}"] = f"{d[0]:+.2f} ± {d[1]:.2f} (n={len(diffs)})" if d else ""
+            if any(row[f"IPC {i}"] for i in ipcs):
+                rows.append(row)
     text = table(rows, cols)
     text += (f"\n\n{split} accuracy (%), last epoch, mean ± std over (seeds × evaluation repeats); "
-             f"'A − X' rows: per-seed paired difference of the means, mean ± std over seeds.")
-    full = [r for r in records if r["method"] == "full-data"]
+             f"'A − best baseline': per distillation seed, A minus the best of "
+             f"{', '.join(BASELINES)} for that seed, mean ± std over seeds.")
+    full, others = full_data_line(records)
     if full:
-        text += f"\nFull training set, same network ({full[0]['epochs']} epochs): " \
-                f"{full[0]['mean'] * 100:.2f}%."
+        text += f"\nFull training set, same network and protocol ({full['epochs']} epochs): " \
+                f"{full['mean'] * 100:.2f}%" + "".join(
+                    f"; {o['epochs']} epochs: {o['mean'] * 100:.2f}%" for o in others) + "."
+    text += "\n\nWall time, minutes (distillation + evaluation, mean over seeds; two " \
+            "single-thread workers side by side):\n\n" + table(times, cols)
     return text + "\n"
 
 
@@ -348,7 +377,7 @@ def plot(records, ipcs, methods, path, title):
     import matplotlib.pyplot as plt
 
     main = [m for m in methods if m not in ("easy", "hard")]
-    fig, (ax, dx) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120,
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120,
                                  gridspec_kw={"width_ratios": [3, 2]})
     for method in main:
         pts = []
@@ -359,18 +388,19 @@ def plot(records, ipcs, methods, path, title):
         if pts:
             x, y, e = zip(*pts)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method,
-                        lw=2.2 if method == "dasm" else 1.2)
-    full = [r for r in records if r["method"] == "full-data"]
+                        lw=2.4 if method == "dasm" else 1.2)
+    full, _ = full_data_line(records)
     if full:
-        ax.axhline(full[0]["mean"] * 100, color="k", ls="--", lw=1,
-                   label=f"full data ({full[0]['mean'] * 100:.1f}%)")
-    for other, style in (("idc", "o-"), ("idc-compute", "s--")):
-        pts = [(ipc, *_mean_std(paired(records, ipc, "dasm", other))) for ipc in ipcs
-               if paired(records, ipc, "dasm", other)]
-        if pts:
-            x, y, e = zip(*pts)
-            budget = "equal compute" if other != "idc" else "equal steps"
-            dx.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=f"dasm − {other} ({budget})")
+        ax.axhline(full["mean"] * 100, color="k", ls="--", lw=1,
+                   label=f"full data, {full['epochs']} epochs ({full['mean'] * 100:.1f}%)")
+    for a in [m for m in main if m.startswith("dasm")]:
+        for other, style in (("best", "o-"), ("idc-compute", "s--")):
+            pts = [(ipc, *_mean_std(paired(records, ipc, a, other))) for ipc in ipcs
+                   if paired(records, ipc, a, other)]
+            if pts:
+                x, y, e = zip(*pts)
+                what = "best baseline" if other == "best" else "idc, equal compute"
+                dx.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=f"{a} − {what}")
     dx.axhline(0, color="k", lw=0.8)
     for a_ in (ax, dx):
         a_.set_xscale("log")
@@ -381,8 +411,8 @@ def plot(records, ipcs, methods, path, title):
         a_.legend(fontsize=7)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
-    dx.set_ylabel("paired difference (points), mean ± std over seeds")
-    dx.set_title("dasm − idc per distillation seed", fontsize=9)
+    dx.set_ylabel("points, paired per seed (mean ± std)")
+    dx.set_title(f"dasm − best of {', '.join(BASELINES)}", fontsize=9)
     fig.tight_layout()
     io.write_with(path, lambda p: fig.savefig(p, format="png"))
 

@@ -1,5 +1,5 @@
 """A faithful per-class matching loop in IDC's style, written from the algorithm (the speed
-baseline of PROTOCOL.md). Plain eager PyTorch, as IDC runs it:
+baseline of docs/protocol.md). Plain eager PyTorch, as IDC runs it:
 
 * the network is built from ``nn.Conv2d`` / ``nn.GroupNorm`` / ``nn.ReLU`` / ``nn.AvgPool2d``;
 * per class: real batch and decoded synthetic batch (pad, crop the f x f tiles, concatenate,

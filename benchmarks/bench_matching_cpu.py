@@ -1,4 +1,4 @@
-"""Matching-step throughput on the CPU (PROTOCOL.md): dasm's engine against the IDC-style
+"""Matching-step throughput on the CPU (docs/protocol.md): dasm's engine against the IDC-style
 per-class loop (baseline_loop.py), in the same process, on the same inputs.
 
 Fashion-MNIST, IPC 50, factor 2, ConvNet-3 width 128, real batch 64, synthetic batch 128, one

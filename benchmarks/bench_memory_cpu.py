@@ -1,4 +1,4 @@
-"""Peak memory of the last segment's matching step as IPC grows (PROTOCOL.md): IPC 50, 200,
+"""Peak memory of the last segment's matching step as IPC grows (docs/protocol.md): IPC 50, 200,
 500, 1000 in segments of 50, every frozen image in play, each in a fresh process.
 
     python -m pytest benchmarks/bench_memory_cpu.py -s     -> results/matching-cpu.json["memory"]

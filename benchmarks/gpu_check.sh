@@ -1,46 +1,77 @@
 #!/usr/bin/env bash
-# Every GPU check in one call (PROTOCOL.md), within 8 minutes on one H100. Sized by timeouts
-# that add up to 7.5 minutes (build 150 s on 16 cores, device tests 150 s, benchmarks 150 s);
-# each stage's output survives a later stage's failure:
-#   1. build the extension with CUDA (TORCH_CUDA_ARCH_LIST=9.0): C++ block + CUDA accumulate
-#   2. the Triton kernel tests and every `cuda` test on the device, among them the CUDA
-#      accumulate_class_grads against the reference and the Triton fused block
-#   3. benchmarks/kernels.py: eager / torch.compile / triton per op (fraction of copy
-#      bandwidth), the fused block with its double backward, and the matching step of the last
-#      segment at IPC 50 and 1000 (class-steps/s, torch.cuda.max_memory_allocated)
+# Every GPU check in one call (docs/protocol.md), sized for the machine it will first run on: one
+# NVIDIA H200 (141 GB), Python 3.12, torch 2.11, Triton 3.6, nvcc 13.0, 16 cores, no network.
+# Stage time-outs add up to 7.5 minutes (the call's limit is 8); each stage's output survives a
+# later stage's failure:
+#   1. build     the extension with CUDA for the H200 (TORCH_CUDA_ARCH_LIST=9.0)        150 s
+#   2. tests     the Triton kernel, extension and bounds tests on the device                  90 s
+#      cuda-tests  every test marked `cuda`                                                   40 s
+#   3. memcheck  compute-sanitizer's memcheck over the kernel tests, where it runs here       50 s
+#                (it runs on some of these machines and not on others: skipped, not failed)
+#   4. bench     benchmarks/kernels.py: eager / torch.compile / triton per op (fraction of the
+#                copy bandwidth), the fused block with its double backward, and the matching
+#                step of the last segment at IPC 50 and 1000, vmap and sequential engines   120 s
 # Logs and JSON go to $OUT (default results/gpu); a short table is printed last.
+#   --dry-run    resolve every stage's command and files without a GPU (what CI can check)
 # Data: copy Fashion-MNIST's four .gz files into .gpu_data/FashionMNIST/raw/ (git-ignored) and
 # name .gpu_data in the device call's carry:
 #   mkdir -p .gpu_data/FashionMNIST/raw && cp /usr/share/datasets/fashion-mnist/*.gz $_
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
 OUT=${OUT:-results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16}
 export DASM_DATA_ROOT=${DASM_DATA_ROOT:-.gpu_data} DASM_TEST_CUDA=1
 PY=${PYTHON:-python3}
+KERNEL_TESTS="tests/test_kernels.py tests/test_ext.py"
 status=0
-nvidia-smi -L | tee "$OUT/device.txt"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+declare -a TABLE
 
-echo "== build" && t0=$(date +%s)
-if DASM_FORCE_CUDA=1 timeout 150 $PY -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  echo "built in $(( $(date +%s) - t0 )) s"; $PY -c "import dasm._C as c; print('ext has_cuda', c.has_cuda())"
-else
-  echo "BUILD FAILED (see build.log)"; tail -20 "$OUT/build.log"; status=1
+stage() {  # stage NAME TIMEOUT LOG COMMAND...: run (or, dry, resolve) one stage
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0; t0=$(date +%s)
+  echo "== $name (limit ${limit} s): $*"
+  if [ $DRY = 1 ]; then
+    for word in "$@"; do  # every file a stage names must exist in this checkout
+      case $word in *.py|*.sh|tests/*) [ -e "$word" ] || { echo "missing: $word"; status=1; } ;; esac
+    done
+    command -v "$1" > /dev/null || { echo "not found: $1"; status=1; }
+    TABLE+=("$name: resolved")
+    return 0
+  fi
+  if timeout "$limit" "$@" > "$OUT/$log" 2>&1; then
+    TABLE+=("$name: ok in $(( $(date +%s) - t0 )) s")
+  else
+    local rc=$?
+    TABLE+=("$name: FAILED (exit $rc, $(( $(date +%s) - t0 )) s; see $log)")
+    status=1
+  fi
+  tail -5 "$OUT/$log"
+}
+
+if [ $DRY = 0 ]; then
+  nvidia-smi -L | tee "$OUT/device.txt"
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 fi
 
-echo "== tests on the device"
-timeout 100 $PY -m pytest -q tests/test_kernels.py tests/test_ext.py 2>&1 | tee "$OUT/tests-kernels.log" | tail -5 || status=1
-timeout 50 $PY -m pytest -q -m cuda tests 2>&1 | tee "$OUT/tests-cuda.log" | tail -5 || status=1
-
-echo "== benchmarks"
-timeout 150 $PY benchmarks/kernels.py --out "$OUT/kernels-gpu.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 || status=1
+stage build 150 build.log env DASM_FORCE_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps -e .
+stage tests 90 tests.log $PY -m pytest -q $KERNEL_TESTS tests/test_bounds.py
+stage cuda-tests 40 tests-cuda.log $PY -m pytest -q -m cuda tests
+if command -v compute-sanitizer > /dev/null || [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
+  SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+  stage memcheck 50 memcheck.log "$SAN" --tool memcheck --error-exitcode 1 $PY -m pytest -q -x $KERNEL_TESTS
+else
+  TABLE+=("memcheck: skipped (compute-sanitizer not found)")
+fi
+stage bench 120 kernels.log $PY benchmarks/kernels.py --out "$OUT/kernels-gpu.json"
 
 echo "== summary"
-grep -E "passed|failed|error" "$OUT"/tests-*.log | tail -4
-[ -f "$OUT/kernels-gpu.json" ] && $PY - "$OUT/kernels-gpu.json" <<'PY'
+printf '%s\n' "${TABLE[@]}"
+if [ $DRY = 0 ] && [ -f "$OUT/kernels-gpu.json" ]; then
+  $PY - "$OUT/kernels-gpu.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 print(f"copy bandwidth {d['copy_bandwidth_GBps']} GB/s; matching step speed-up over the "
@@ -59,4 +90,5 @@ for (op, ps), v in best.items():
         bw = v["triton"].get("of copy bw", "")
         print(f"{op:55s} {ps:12s} triton {t:.4f} ms {bw:>5s}  {s}")
 PY
+fi
 exit $status

@@ -1,4 +1,4 @@
-"""GPU benchmarks of the Triton kernels and the matching step (PROTOCOL.md, issues 5 and 13).
+"""GPU benchmarks of the Triton kernels and the matching step (docs/protocol.md, issues 5 and 13).
 
 Each op against its reference (eager) and ``torch.compile`` of the reference, forward and
 forward+backward (the fused block also with the double backward matching needs),

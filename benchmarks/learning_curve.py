@@ -1,4 +1,4 @@
-"""Learning curve of IDC's matching budget (PROTOCOL.md, profile ``cpu``).
+"""Learning curve of IDC's matching budget (docs/protocol.md, profile ``cpu``).
 
     python benchmarks/learning_curve.py --profile configs/profiles/cpu.yaml --ipc 50 \
         --steps 100 200 400

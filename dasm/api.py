@@ -172,6 +172,7 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     evaluation protocol (and saved as ``model.pt``). Written to ``out`` (safetensors)."""
     from .rules import resolve_for
 
+    _check_writable(Path(out), "score: --out")
     ds = dataset_from_config(cfg.data)
     cfg = resolve_for(cfg, ds)
     runtime.apply(cfg)
@@ -201,3 +202,16 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     meta = {"dataset": ds.name, "model": name, "source": str(src.path)}
     io.save_safetensors(tensors, out, meta)
     return {k: float(v.mean()) for k, v in scores.items()}
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """A one-line DasmError naming ``flag`` when no file can be written at ``path`` (checked
+    before any work is done, so a bad place costs nothing and writes nothing)."""
+    if path.is_dir():
+        raise DasmError(f"{flag} {path} is a directory, not a file")
+    try:
+        with io.atomic_path(path.parent / f".{path.name}.probe"):
+            pass
+        (path.parent / f".{path.name}.probe").unlink()
+    except OSError as e:
+        raise DasmError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None

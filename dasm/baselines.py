@@ -109,7 +109,7 @@ def run_baseline(method: str, cfg: Config, out: str | Path, dataset: Dataset | N
     from .synthetic import save_grid
 
     cfg = cfg.replace(**{"synthetic.factor": 1, "dasm.segments": 1})  # real images, one segment
-    cfg, ds, run = prepare(cfg, out, resume=False, dataset=dataset, kind=f"baseline-{method}")
+    cfg, ds, run, _ = prepare(cfg, out, resume=False, dataset=dataset, kind=f"baseline-{method}")
     progress = cfg.runtime.progress if progress is None else progress
     sset = select_subset(method, cfg, ds, reference_model, epochs, progress)
     if context().is_main:

@@ -18,8 +18,7 @@ from typing import Any, List, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import ConfigError
-from .plan import AUTO
-
+from .plan import AUTO, check_plan_keys
 
 
 def _choice(default, *choices):
@@ -149,7 +148,7 @@ class DistConfig:
 class Config:
     seed: int = 0
     device: str = _choice(AUTO, AUTO, "cpu", "cuda")
-    backend: str = _choice(AUTO, AUTO, "reference", "triton", "ext")
+    backend: str = AUTO  # auto, one backend for every op, or per op "grad_distance=triton,..."
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -366,12 +365,9 @@ def _fraction_list(value, key):
 
 def validate(cfg: Config) -> None:
     """Range checks that do not need the dataset. Raises ConfigError naming the key."""
+    if not 0 <= cfg.seed < 2 ** 63:
+        raise ConfigError(f"config key 'seed' must lie in [0, 2^63), got {cfg.seed}")
     _positive(cfg.synthetic.ipc, "synthetic.ipc")
-    factor = cfg.synthetic.factor
-    if isinstance(factor, str) and factor != AUTO or isinstance(factor, list) and (
-            not factor or min(factor) < 1) or isinstance(factor, int) and factor < 1:
-        raise ConfigError(f"config key 'synthetic.factor' must be a positive integer, a list of "
-                          f"them (one per segment) or 'auto', got {factor!r}")
     m = cfg.match
     _positive(m.iterations, "match.iterations")
     _positive(m.inner_steps, "match.inner_steps")
@@ -397,31 +393,15 @@ def validate(cfg: Config) -> None:
     _positive(md.depth, "model.depth")
     _positive(md.width, "model.width")
     d = cfg.dasm
-    if isinstance(d.segments, str) and d.segments != AUTO:
-        raise ConfigError(f"config key 'dasm.segments' must be 'auto', an integer or a list, "
-                          f"got {d.segments!r}")
-    if isinstance(d.segments, int) and d.segments < 1:
-        raise ConfigError(f"config key 'dasm.segments' must be >= 1, got {d.segments}")
-    if isinstance(d.segments, list) and (not d.segments or min(d.segments) < 1):
-        raise ConfigError(f"config key 'dasm.segments' must list positive per-segment IPCs, "
-                          f"got {d.segments}")
     _fraction_list(d.easy_drop, "dasm.easy_drop")
     _fraction_list(d.hard_drop, "dasm.hard_drop")
-    if d.pool == "lack" and any(v for v in (d.easy_drop if isinstance(d.easy_drop, list) else
-                                            [d.easy_drop]) + (d.hard_drop if isinstance(
-                                                d.hard_drop, list) else [d.hard_drop])):
-        raise ConfigError("config keys 'dasm.easy_drop'/'dasm.hard_drop' set a rank band, but "
-                          "'dasm.pool' is lack (its tail is dasm.tail_drop)")
     _positive(d.scorer_epochs, "dasm.scorer_epochs")
     _fraction_list(d.tail_drop, "dasm.tail_drop")
     _fraction_list(d.coverage, "dasm.coverage")
     _positive(d.condition_every, "dasm.condition_every")
     _positive(d.condition_epochs, "dasm.condition_epochs")
     _positive(d.warm_starts, "dasm.warm_starts")
-    its = d.iterations if isinstance(d.iterations, list) else [d.iterations]
-    if not its or any(i != AUTO if isinstance(i, str) else i < 1 for i in its):
-        raise ConfigError(f"config key 'dasm.iterations' must be 'auto', a positive integer or a "
-                          f"list of them, got {d.iterations!r}")
+    check_plan_keys(cfg)
     e = cfg.eval
     _positive(e.epochs, "eval.epochs")
     _positive(e.batch, "eval.batch")

@@ -244,6 +244,12 @@ def _load_imagefolder(path: Path, channels: int = 0, image_size: int = 0):
     if len(classes) < 2:
         raise DataError(f"imagefolder {path}/train: {len(classes)} class folder(s); "
                         f"classification needs at least 2")
+    if "test" in splits:
+        have = {p.name for p in splits["test"].iterdir() if p.is_dir()}
+        lacking = [c for c in classes if c not in have]
+        if lacking:
+            raise DataError(f"imagefolder {splits['test']}: no folder for class "
+                            f"{lacking[0]!r} of train/ ({len(lacking)} class(es) missing)")
     files = {split: [(f, c) for c, cname in enumerate(classes)
                      for f in sorted((splits[split] / cname).iterdir())
                      if (splits[split] / cname).is_dir() and f.suffix.lower() in IMAGE_EXTS]
@@ -273,11 +279,14 @@ def _load_imagefolder(path: Path, channels: int = 0, image_size: int = 0):
             raise DataError(f"imagefolder {splits[split]}: no images")
         imgs = []
         for f, _ in files[split]:
-            with Image.open(f) as im:
-                im = im.convert(mode)
-                if (im.height, im.width) != size:
-                    im = im.resize((size[1], size[0]), Image.BILINEAR)
-                arr = np.asarray(im)
+            try:
+                with Image.open(f) as im:
+                    im = im.convert(mode)
+                    if (im.height, im.width) != size:
+                        im = im.resize((size[1], size[0]), Image.BILINEAR)
+                    arr = np.asarray(im)
+            except OSError as e:  # a truncated or damaged file: name it
+                raise DataError(f"imagefolder: cannot read image {f}: {e}") from None
             imgs.append(arr if arr.ndim == 3 else arr[:, :, None])
         out.append(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous())
         out.append(torch.tensor([c for _, c in files[split]], dtype=torch.int64))

@@ -29,6 +29,7 @@ coupling; batch norm is refused).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -209,9 +210,13 @@ class Matcher:
             # measured (benchmarks/bench_matching_cpu.py): one class per graph is fastest on the
             # CPU; ten live graphs cost 1.8x in page faults and cache misses
             return 1
-        per_image = sum(b.numel() for b in _activation_probe(self))  # floats per image per block
-        per_class = batch * per_image * 4 * 12  # ~12 live copies through the double backward
+        per_class = batch * self._floats_per_image * 4 * 12  # ~12 live copies, double backward
         return max(1, min(self.C, int(self.m.memory_budget_mb * 2 ** 20 // max(per_class, 1))))
+
+    @functools.cached_property
+    def _floats_per_image(self) -> int:
+        """Conv output floats per image of the matching network (probed once, on meta)."""
+        return sum(b.numel() for b in _activation_probe(self))
 
     @contextlib.contextmanager
     def _matched_weights(self, model: nn.Module):

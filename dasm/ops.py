@@ -25,6 +25,7 @@ silent fallback; ops that a forced backend does not implement use the reference.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import math
@@ -34,12 +35,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import _ext, dsa, fused_block
 from ._ext import ext, ext_error
-from .data import normalize
-from .formation import tile_shape
+from . import reference as ref
 from .errors import BackendUnavailable, ConfigError
 
 BACKENDS = ("reference", "triton", "ext", "compile")
@@ -54,11 +53,12 @@ IMPLEMENTED = {
     "instance_norm_relu_pool": ("ext", "triton", "compile", "reference"),
 }
 METRICS = ("l1", "mse", "cos")
-COS_EPS = 1e-6
 
 
 # =============================================================================== dispatch
-def _parse_spec(spec: str, source: str) -> dict[str, str]:
+def parse_spec(spec: str, source: str) -> dict[str, str]:
+    """``auto``, a backend for every op, or ``op=backend,...`` -> ``{op or '*': backend}``;
+    a ConfigError names ``source`` and the unknown op or backend."""
     spec = (spec or "auto").strip()
     out: dict[str, str] = {}
     for part in spec.split(","):
@@ -85,7 +85,7 @@ _warned: set[str] = set()
 def set_backend(spec: str | None) -> None:
     """Force backends for this process (``None`` or ``"auto"``: back to ``DASM_BACKEND``/auto)."""
     global _forced
-    _forced = None if spec in (None, "auto") else _parse_spec(spec, "config key 'backend'")
+    _forced = None if spec in (None, "auto") else parse_spec(spec, "config key 'backend'")
 
 
 @contextlib.contextmanager
@@ -102,13 +102,29 @@ def override(**op_backends: str):
         _overrides.pop()
 
 
+@functools.lru_cache(maxsize=8)
+def _env_spec(value: str) -> dict[str, str]:
+    """``DASM_BACKEND`` parsed once per distinct value (the hot path reads only the variable)."""
+    return parse_spec(value, "DASM_BACKEND")
+
+
 def _preference(op: str) -> str:
     for table in reversed(_overrides):
         if op in table:
             return table[op]
-    table = _forced if _forced is not None else _parse_spec(os.environ.get("DASM_BACKEND", ""),
-                                                            "DASM_BACKEND")
+    table = _forced if _forced is not None else _env_spec(os.environ.get("DASM_BACKEND", ""))
     return table.get(op, table.get("*", "auto"))
+
+
+def _float32_only(op: str, b: str, t: torch.Tensor) -> str:
+    """The reference for a tensor the fast kernels do not take (they are float32 only); a
+    backend forced for it is a clear error."""
+    if b in ("reference", "compile") or t.dtype == torch.float32:
+        return b
+    if _preference(op) == b:
+        raise BackendUnavailable(f"backend {b!r} was forced for {op} but takes float32 only "
+                                 f"(got {t.dtype})")
+    return "reference"
 
 
 def _interpret() -> bool:
@@ -238,70 +254,6 @@ class GradLayout:
                 for o, n, s in zip(self.offsets, self.sizes, self.shapes)]
 
 
-# =========================================================================== reference
-def _decode_reference(stored: torch.Tensor, factor: int, sel: torch.Tensor | None) -> torch.Tensor:
-    """IDC's decode: pad to a multiple of ``factor`` with 0.5, split into ``factor^2`` tiles
-    (row-major) of size ceil(H/f) x ceil(W/f), upsample each bilinearly (align_corners=False)."""
-    N, ch, H, W = stored.shape
-    if factor == 1:
-        return stored if sel is None else stored[sel]
-    th, tw = tile_shape((H, W), factor)
-    x = stored
-    if th * factor != H or tw * factor != W:
-        x = F.pad(x, (0, tw * factor - W, 0, th * factor - H), value=0.5)
-    tiles = x.view(N, ch, factor, th, factor, tw).permute(0, 2, 4, 1, 3, 5)
-    tiles = tiles.reshape(N * factor * factor, ch, th, tw)
-    if sel is not None:
-        tiles = tiles[sel]
-    return F.interpolate(tiles, size=(H, W), mode="bilinear", align_corners=False)
-
-
-def _decode_augment_reference(stored, factor, sel, params, mean, std):
-    x = _decode_reference(stored, factor, sel)
-    if mean is not None:
-        x = normalize(x, mean, std)
-    if params is not None and params.strategy.enabled:
-        x = dsa.apply_reference(x, params.to(x.device))
-    return x
-
-
-def _grad_distance_reference(gr, gs, layout: GradLayout, metric: str):
-    if metric == "l1":
-        return (gr - gs).abs().sum(dim=1)
-    if metric == "mse":
-        return (gr - gs).pow(2).sum(dim=1)
-    total = gr.new_zeros(gr.shape[0])
-    for x, y in zip(layout.split(gr), layout.split(gs)):
-        x, y = x.flatten(2), y.flatten(2)  # [C, rows, len]
-        cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + COS_EPS)
-        total = total + (1 - cos).sum(dim=1)
-    return total
-
-
-def _sample_scores_reference(logits, labels):
-    lf = logits.float()
-    logp = torch.log_softmax(lf, dim=1)
-    loss = -logp.gather(1, labels[:, None]).squeeze(1)
-    onehot = F.one_hot(labels, lf.shape[1]).to(lf.dtype)
-    el2n = (logp.exp() - onehot).norm(dim=1)
-    true = lf.gather(1, labels[:, None]).squeeze(1)
-    other = lf.masked_fill(onehot.bool(), float("-inf")).max(dim=1).values
-    return loss, el2n, true - other
-
-
-def _accumulate_reference(buffer, grads, offsets, classes, scale):
-    for g, off in zip(grads, offsets):
-        n = g[0].numel()
-        buffer[:, off:off + n].index_add_(0, classes, g.reshape(g.shape[0], n).to(buffer.dtype),
-                                          alpha=scale)
-    return buffer
-
-
-def _inrp_reference(z, weight, bias, pool, eps):
-    y = F.relu(F.group_norm(z, z.shape[1], weight, bias, eps))
-    return F.avg_pool2d(y, 2) if pool else y
-
-
 # ============================================================================= public ops
 def decode_augment(stored: torch.Tensor, factor: int = 1, sel: torch.Tensor | None = None,
                    params: dsa.DSAParams | None = None, mean: torch.Tensor | None = None,
@@ -317,12 +269,15 @@ def decode_augment(stored: torch.Tensor, factor: int = 1, sel: torch.Tensor | No
         M = stored.shape[0] * factor * factor if sel is None else sel.shape[0]
         if len(params) != M:
             raise ValueError(f"decode_augment: {len(params)} DSA rows for {M} outputs")
-    b = backend_for("decode_augment", stored.device)
+    if sel is not None and sel.device.type == "cpu" and len(sel) and (
+            int(sel.min()) < 0 or int(sel.max()) >= stored.shape[0] * factor * factor):
+        raise ValueError(f"decode_augment: sel outside [0, {stored.shape[0] * factor * factor})")
+    b = _float32_only("decode_augment", backend_for("decode_augment", stored.device), stored)
     if b == "triton":
         return _kernel("decode_augment").decode_augment(stored, factor, sel, params, mean, std)
     if b == "compile":
         return _compiled("decode_augment")(stored, factor, sel, params, mean, std)
-    return _decode_augment_reference(stored, factor, sel, params, mean, std)
+    return ref.decode_augment(stored, factor, sel, params, mean, std)
 
 
 def grad_distance(gr: torch.Tensor, gs: torch.Tensor, layout: GradLayout,
@@ -337,23 +292,28 @@ def grad_distance(gr: torch.Tensor, gs: torch.Tensor, layout: GradLayout,
     if gr.shape != gs.shape or gr.shape[1] != layout.numel:
         raise ValueError(f"grad_distance: shapes {tuple(gr.shape)}, {tuple(gs.shape)} do not fit "
                          f"a layout of {layout.numel} values")
-    b = backend_for("grad_distance", gs.device)
+    b = _float32_only("grad_distance", backend_for("grad_distance", gs.device), gs)
     if b == "triton":
         return _kernel("grad_distance").grad_distance(gr, gs, layout, metric)
     if b == "compile":
         return _compiled("grad_distance")(gr.detach(), gs, layout, metric)
-    return _grad_distance_reference(gr.detach(), gs, layout, metric)
+    return ref.grad_distance(gr.detach(), gs, layout, metric)
 
 
 def sample_scores(logits: torch.Tensor, labels: torch.Tensor):
     """Per-sample cross-entropy loss, EL2N (|softmax - onehot|_2) and margin (true logit minus
     the largest other) of ``logits [N, K]`` (fp32/bf16/fp16) -> three ``[N]`` float32 tensors."""
+    if labels.device.type == "cpu" and len(labels) and (
+            int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise ValueError(f"sample_scores: labels outside [0, {logits.shape[1]})")
     b = backend_for("sample_scores", logits.device)
+    if b == "triton" and logits.dtype == torch.float64:
+        b = _float32_only("sample_scores", b, logits)
     if b == "triton":
         return _kernel("sample_scores").sample_scores(logits, labels)
     if b == "compile":
         return _compiled("sample_scores")(logits, labels)
-    return _sample_scores_reference(logits, labels)
+    return ref.sample_scores(logits, labels)
 
 
 def accumulate_class_grads(buffer: torch.Tensor, grads: Sequence[torch.Tensor],
@@ -366,13 +326,24 @@ def accumulate_class_grads(buffer: torch.Tensor, grads: Sequence[torch.Tensor],
     """
     if len(grads) != len(offsets):
         raise ValueError("accumulate_class_grads: one offset per gradient tensor")
-    b = backend_for("accumulate_class_grads", buffer.device)
+    spans = sorted((int(o), int(o) + g[0].numel() if len(g) else int(o))
+                   for o, g in zip(offsets, grads))
+    if any(lo < 0 for lo, _ in spans) or spans and spans[-1][1] > buffer.shape[1] or any(
+            a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        raise ValueError(f"accumulate_class_grads: layer spans {spans} overlap or leave the "
+                         f"buffer's {buffer.shape[1]} columns")
+    if classes.device.type == "cpu" and len(classes) and (
+            int(classes.min()) < 0 or int(classes.max()) >= buffer.shape[0]):
+        raise ValueError(f"accumulate_class_grads: classes outside [0, {buffer.shape[0]})")
+    classes = classes.contiguous()
+    b = _float32_only("accumulate_class_grads",
+                      backend_for("accumulate_class_grads", buffer.device), buffer)
     with torch.no_grad():
         if b == "ext":
             ext().accumulate_class_grads(buffer, list(grads), [int(o) for o in offsets], classes,
                                          float(scale))
             return buffer
-        return _accumulate_reference(buffer, grads, offsets, classes, scale)
+        return ref.accumulate_class_grads(buffer, grads, offsets, classes, scale)
 
 
 def instance_norm_relu_pool(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -380,7 +351,8 @@ def instance_norm_relu_pool(z: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """ConvNet block tail: instance norm (GroupNorm with a group per channel, affine), ReLU and,
     if ``pool``, 2x2 average pooling. ``z [N, C, H, W]`` -> ``[N, C, H', W']``. Differentiable
     twice with respect to ``z`` (gradient matching backpropagates through its backward)."""
-    b = backend_for("instance_norm_relu_pool", z.device)
+    b = _float32_only("instance_norm_relu_pool", backend_for("instance_norm_relu_pool", z.device),
+                      z)
     limit = _kernel("instance_norm_relu_pool").MAX_PLANE if b == "triton" else None
     if limit is not None and z.shape[-2] * z.shape[-1] > limit:
         if _preference("instance_norm_relu_pool") == "triton":
@@ -395,12 +367,12 @@ def instance_norm_relu_pool(z: torch.Tensor, weight: torch.Tensor, bias: torch.T
                                                    _kernel("instance_norm_relu_pool"))
     if b == "compile":
         return _compiled("instance_norm_relu_pool")(z, weight, bias, pool, eps)
-    return _inrp_reference(z, weight, bias, pool, eps)
+    return ref.instance_norm_relu_pool(z, weight, bias, pool, eps)
 
 
 def reference(op: str) -> Callable:
     """The reference implementation of ``op`` (for tests and benchmarks)."""
-    return {"decode_augment": _decode_augment_reference, "grad_distance": _grad_distance_reference,
-            "sample_scores": _sample_scores_reference,
-            "accumulate_class_grads": _accumulate_reference,
-            "instance_norm_relu_pool": _inrp_reference}[op]
+    return {"decode_augment": ref.decode_augment, "grad_distance": ref.grad_distance,
+            "sample_scores": ref.sample_scores,
+            "accumulate_class_grads": ref.accumulate_class_grads,
+            "instance_norm_relu_pool": ref.instance_norm_relu_pool}[op]

@@ -14,6 +14,8 @@ phi             factor        pools       matching networks    evidence
 < PHI_LARGE     2 (IDC)       rank, full  fresh (IDC)          held-out IPC 100 (phi 0.02):
                                                                the band and scorer warm
                                                                starts each cost 1.4 points
+                                                               (results/archive/ablation-
+                                                               cpu.md)
 >= PHI_LARGE    1             lack        conditioned          held-out IPC 500 / 1000
                                                                (phi 0.1 / 0.2), see below
 ==============  ============  ==========  ===================  ============================
@@ -74,6 +76,36 @@ def auto_plan(ipc: int, num_segments: int, real_per_class: int | None) -> dict[s
     later = num_segments > 1 and large
     return {"synthetic.factor": 1 if large else 2, "dasm.pool": "lack" if later else "rank",
             "dasm.match_init": "conditioned" if later else "fresh"}
+
+
+def _values(v) -> list:
+    return v if isinstance(v, list) else [v]
+
+
+def band_set(d) -> bool:
+    """Whether the ``dasm`` settings ``d`` (a mapping or the dataclass) ask for a rank band."""
+    get = d.get if isinstance(d, dict) else lambda k: getattr(d, k)
+    return any(v for key in ("easy_drop", "hard_drop") for v in _values(get(key)))
+
+
+def check_plan_keys(cfg) -> None:
+    """Shape checks of the keys the plan reads (raises ConfigError naming the key)."""
+    f, d = cfg.synthetic.factor, cfg.dasm
+    if f != AUTO and (isinstance(f, str) or min(_values(f) or [0]) < 1):
+        raise ConfigError(f"config key 'synthetic.factor' must be a positive integer, a list of "
+                          f"them (one per segment) or 'auto', got {f!r}")
+    seg = d.segments
+    if isinstance(seg, str) and seg != AUTO or not isinstance(seg, str) and (
+            min(_values(seg) or [0]) < 1):
+        raise ConfigError(f"config key 'dasm.segments' must be 'auto', a count >= 1 or a list "
+                          f"of positive per-segment IPCs, got {seg!r}")
+    its = _values(d.iterations)
+    if not its or any(i != AUTO if isinstance(i, str) else i < 1 for i in its):
+        raise ConfigError(f"config key 'dasm.iterations' must be 'auto', a positive integer or a "
+                          f"list of them, got {d.iterations!r}")
+    if d.pool == "lack" and band_set(d):
+        raise ConfigError("config keys 'dasm.easy_drop'/'dasm.hard_drop' set a rank band, but "
+                          "'dasm.pool' is lack (its tail is dasm.tail_drop)")
 
 
 def _per_segment(value, key: str, k: int, num_segments: int):

@@ -35,7 +35,7 @@ from .config import AUTO, Config, from_dict
 from .data import MNIST_LIKE, NO_FLIP
 from .dsa import Strategy
 from .errors import ConfigError
-from .plan import auto_plan, segment_sizes
+from .plan import auto_plan, band_set, segment_sizes
 
 
 IDC_TABLE = {"mnist": (True, 28), "mnist5k": (True, 28), "fashion-mnist": (True, 32),
@@ -88,16 +88,11 @@ def _eval_augment(d: dict, facts: DataFacts) -> str:
     return str(st)
 
 
-def _band_set(dasm: dict) -> bool:
-    return any(v for key in ("easy_drop", "hard_drop")
-               for v in (dasm[key] if isinstance(dasm[key], list) else [dasm[key]]))
-
-
 def _plan_rule(key: str) -> "Rule":
     def rule(d: dict, facts: DataFacts):
         if key == "synthetic.factor" and min(facts.image_size) < SMALL_IMAGE:
             return 1
-        if key == "dasm.pool" and _band_set(d["dasm"]):
+        if key == "dasm.pool" and band_set(d["dasm"]):
             return "rank"  # a band was asked for
         K = len(segment_sizes(d["synthetic"]["ipc"], d["dasm"]["segments"]))
         return auto_plan(d["synthetic"]["ipc"], K, facts.real_per_class)[key]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, io, runtime
+from . import distributed, io, ops, runtime
 from .config import Config, from_dict
 from .rules import resolve_for
 from .data import Dataset, dataset_from_config
@@ -58,8 +58,11 @@ class RunDir:
             raise RunDirError(f"{self.path} is not a run directory (no config.yaml)")
         try:
             return from_dict(yaml.safe_load(self.config.read_text()) or {})
-        except yaml.YAMLError as e:
-            raise RunDirError(f"{self.config} is not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # one line: the problem, not PyYAML's position markers
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise RunDirError(f"{self.config} is not valid YAML{where}: {what}") from None
 
     def last_checkpoint(self) -> int:
         """Number of finished segments recorded (0 if none). Files not named like our
@@ -86,6 +89,26 @@ class RunDir:
             raise RunDirError(f"checkpoint {path} belongs to another config")
         return state
 
+    def load_segment_checkpoint(self, k: int, identity: str, stored_shape: tuple,
+                                n_real: int) -> dict:
+        """:meth:`load_checkpoint` of a distillation, with every entry checked: ``stored``
+        float of ``stored_shape`` and finite, ``used`` bool ``[n_real]``, a generator state."""
+        state = self.load_checkpoint(k, identity)
+        path, hint = self.checkpoint(k), "delete it to recompute that segment"
+        want = {"stored": (torch.float32, tuple(stored_shape)), "used": (torch.bool, (n_real,)),
+                "generator": (torch.uint8, None)}
+        for key, (dtype, shape) in want.items():
+            t = state.get(key)
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or \
+                    shape is not None and tuple(t.shape) != shape:
+                got = "missing" if t is None else (f"{t.dtype} {tuple(t.shape)}" if isinstance(
+                    t, torch.Tensor) else type(t).__name__)
+                raise RunDirError(f"checkpoint {path}: entry {key!r} is {got}, expected {dtype} "
+                                  f"{shape or ''}; {hint}")
+        if not torch.isfinite(state["stored"]).all():
+            raise RunDirError(f"checkpoint {path}: images hold NaN or infinity; {hint}")
+        return state
+
 
 def load_tensors(path: Path, hint: str, map_location="cpu"):
     """``torch.load`` without running code from the file (``weights_only``): tensors, numbers,
@@ -101,6 +124,7 @@ def load_tensors(path: Path, hint: str, map_location="cpu"):
 
 def preflight(cfg: Config, ds: Dataset) -> None:
     """Every check that can fail before a run directory is touched (raises ConfigError)."""
+    ops.parse_spec(cfg.backend, "config key 'backend'")
     for name, opts in (model_options(cfg.model), eval_model_spec(cfg)):
         model_skeleton(name, ds.channels, ds.num_classes, ds.image_size, **opts)
     check_engine(cfg)
@@ -157,8 +181,10 @@ def prepare(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None 
             kind: str = "distill"):
     """Resolve the config against the dataset, apply runtime settings, and claim ``out``.
 
-    Returns ``(cfg, dataset, run)``. Without ``resume`` a directory that already holds a run is
-    refused (nothing is overwritten); with ``resume`` its saved config must have this identity.
+    Returns ``(cfg, dataset, run, resumed)``. Without ``resume`` a directory that already holds
+    a run is refused (nothing is overwritten); with ``resume`` its saved config must have this
+    identity, and ``resumed`` is ``(segments done, their checkpoint)`` (``(0, None)`` when none
+    finished), checked entry by entry before anything is written.
     """
     ds = dataset if dataset is not None else dataset_from_config(cfg.data)
     cfg = resolve_for(cfg, ds)
@@ -173,7 +199,13 @@ def prepare(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None 
             error = e
     if ctx.any_failed(error is not None):
         raise error or DasmError(f"rank 0 could not claim {run.path} (see its message)")
+    resumed = (0, None)
+    done = run.last_checkpoint() if resume else 0
+    if done:
+        resumed = done, run.load_segment_checkpoint(
+            done, cfg.identity(), (ds.num_classes, cfg.synthetic.ipc, ds.channels, *ds.image_size),
+            ds.train_images.shape[0])
     settings = runtime.apply(cfg)
     run.log({"event": "start", "kind": kind, "resume": resume, "identity": cfg.identity(),
              "dataset": ds.name, "train_images": int(ds.train_images.shape[0]), **settings})
-    return cfg, ds, run
+    return cfg, ds, run, resumed

@@ -47,7 +47,7 @@ from .train import train_conditioned, train_scorer
 def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset | None = None,
             progress: bool | None = None) -> SyntheticSet:
     """Run DASM (K = 1: IDC) and write the run directory ``out``. Returns the synthetic set."""
-    cfg, ds, run = prepare(cfg, out, resume, dataset)
+    cfg, ds, run, (done, ck) = prepare(cfg, out, resume, dataset)
     ctx = distributed.context()
     progress = (cfg.runtime.progress if progress is None else progress) and ctx.is_main
     device = distributed.device_for(ctx, cfg.device)
@@ -57,12 +57,13 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
     stored = torch.zeros(C, cfg.synthetic.ipc, ds.channels, *ds.image_size)  # [C, n, ch, H, W]
     used = torch.zeros(ds.train_images.shape[0], dtype=torch.bool)  # real images an init took
     gen = rng.generator(cfg.seed)
-    done = run.last_checkpoint() if resume else 0
     if done:
-        ck = run.load_checkpoint(done, cfg.identity())
         stored, used = ck["stored"], ck["used"]
         gen.set_state(ck["generator"])
         run.log({"event": "resume", "segments_done": done})
+        for seg in segments[:done]:  # a run killed between a checkpoint and its grid
+            if ctx.is_main and not run.grid(seg.index + 1).exists():
+                save_grid(stored[:, seg.start:seg.start + seg.ipc], run.grid(seg.index + 1))
     class_index = ds.class_index()
     matcher = Matcher(cfg, ds, device, gen, log=run.log, progress=progress)
     for seg in segments[done:]:
@@ -135,7 +136,8 @@ def _init_images(ds: Dataset, pools: list[torch.Tensor], used: torch.Tensor, seg
         if len(free) < need:
             raise ConfigError(f"segment {seg.index + 1}: class {ds.classes[c]!r} has {len(free)} "
                               f"real images in its band that no earlier init used; the init "
-                              f"needs {need} (narrow dasm.easy_drop/hard_drop, or lower dasm.tail_drop)")
+                              f"needs {need} (narrow dasm.easy_drop/hard_drop, or lower "
+                              f"dasm.tail_drop)")
         chosen.append(free[torch.randperm(len(free), generator=gen)[:need]])
     pick = torch.stack(chosen)
     used[pick.reshape(-1)] = True

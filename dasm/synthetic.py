@@ -146,6 +146,8 @@ class SyntheticSet:
             if images.shape[0] != C * ipc or sum(segments) != ipc:
                 raise ValueError(f"{images.shape[0]} images for {C} classes x {ipc} IPC, "
                                  f"segments {segments}")
+            if not torch.isfinite(images).all():
+                raise ValueError("its images hold NaN or infinity")
             labels = tensors["labels"]
             if not torch.equal(labels, torch.arange(C).repeat_interleave(ipc)):
                 raise ValueError("labels are not class-major")

@@ -27,11 +27,12 @@ MAX_EXTENT = WINDOW - 0.5
 
 
 @triton.jit
-def _decoded(stored_ptr, base_n, ch_off, qy, qx, ti, tj, H, W, TH, TW, scale_h, scale_w,
+def _decoded(stored_ptr, base_n, ch_off, cmask, qy, qx, ti, tj, H, W, TH, TW, scale_h, scale_w,
              F: tl.constexpr):
-    """Decoded value D at pixels (qy, qx) [1, BLOCK], for the channel offsets ch_off [CH, 1]."""
+    """Decoded value D at pixels (qy, qx) [1, BLOCK], for the channel offsets ch_off [CHP, 1];
+    the padded channels (``cmask`` false) load nothing (they would read past the last image)."""
     if F == 1:
-        return tl.load(stored_ptr + base_n + ch_off + qy * W + qx)
+        return tl.load(stored_ptr + base_n + ch_off + qy * W + qx, mask=cmask, other=0.0)
     sr = tl.maximum((qy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
     sc = tl.maximum((qx.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
     r0 = sr.to(tl.int32)
@@ -44,10 +45,14 @@ def _decoded(stored_ptr, base_n, ch_off, qy, qx, ti, tj, H, W, TH, TW, scale_h, 
     R1 = ti * TH + r1
     C0 = tj * TW + c0
     C1 = tj * TW + c1
-    v00 = tl.load(stored_ptr + base_n + ch_off + R0 * W + C0, mask=(R0 < H) & (C0 < W), other=0.5)
-    v01 = tl.load(stored_ptr + base_n + ch_off + R0 * W + C1, mask=(R0 < H) & (C1 < W), other=0.5)
-    v10 = tl.load(stored_ptr + base_n + ch_off + R1 * W + C0, mask=(R1 < H) & (C0 < W), other=0.5)
-    v11 = tl.load(stored_ptr + base_n + ch_off + R1 * W + C1, mask=(R1 < H) & (C1 < W), other=0.5)
+    v00 = tl.load(stored_ptr + base_n + ch_off + R0 * W + C0, mask=cmask & (R0 < H) & (C0 < W),
+                  other=0.5)
+    v01 = tl.load(stored_ptr + base_n + ch_off + R0 * W + C1, mask=cmask & (R0 < H) & (C1 < W),
+                  other=0.5)
+    v10 = tl.load(stored_ptr + base_n + ch_off + R1 * W + C0, mask=cmask & (R1 < H) & (C0 < W),
+                  other=0.5)
+    v11 = tl.load(stored_ptr + base_n + ch_off + R1 * W + C1, mask=cmask & (R1 < H) & (C1 < W),
+                  other=0.5)
     return (1 - lr) * ((1 - lc) * v00 + lc * v01) + lr * ((1 - lc) * v10 + lc * v11)
 
 
@@ -85,8 +90,8 @@ def _mean_kernel(stored_ptr, sel_ptr, mean_ptr, std_ptr, mu_ptr, H, W, TH, TW, s
         pm = pix < H * W
         qy = tl.where(pm, pix // W, 0)
         qx = tl.where(pm, pix % W, 0)
-        d = _decoded(stored_ptr, base_n, cidx * H * W, qy, qx, ti, tj, H, W, TH, TW, scale_h,
-                     scale_w, F)
+        d = _decoded(stored_ptr, base_n, cidx * H * W, cmask, qy, qx, ti, tj, H, W, TH, TW,
+                     scale_h, scale_w, F)
         acc += tl.where(cmask & pm, (d - mean) * inv_std, 0.0)
     tl.store(mu_ptr + m, tl.sum(tl.sum(acc, axis=1), axis=0) / (CH * H * W))
 
@@ -121,8 +126,8 @@ def _forward_kernel(stored_ptr, sel_ptr, prm_ptr, box_ptr, mean_ptr, std_ptr, mu
             inb = (qx >= 0) & (qx < W) & (qy >= 0) & (qy < H) & pmask
             qxi = tl.where(inb, qx, 0.0).to(tl.int32)
             qyi = tl.where(inb, qy, 0.0).to(tl.int32)
-            d = _decoded(stored_ptr, base_n, cidx * H * W, qyi, qxi, ti, tj, H, W, TH, TW,
-                         scale_h, scale_w, F)
+            d = _decoded(stored_ptr, base_n, cidx * H * W, cmask, qyi, qxi, ti, tj, H, W, TH,
+                         TW, scale_h, scale_w, F)
             x = tl.where(cmask, (d - mean) * inv_std, 0.0)
             if COLOR:
                 x = alpha * x + beta * (tl.sum(x, axis=0)[None, :] / CH) + shift

@@ -26,6 +26,13 @@ import triton.language as tl
 MAX_PLANE = 16384  # values per (sample, channel) plane a program holds
 
 
+def warps_for(block: int) -> int:
+    """Warps for a program holding ``block`` values: about 32 values per thread, so a large
+    plane spreads over more threads instead of spilling registers (4 warps up to 4,096 values,
+    then doubling to 16 at 16,384)."""
+    return max(4, min(16, block // 1024))
+
+
 @triton.jit
 def _backward_state(g_ptr, z_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, plane, C, M, W, Hp, Wp,
                     POOL: tl.constexpr, BLOCK: tl.constexpr):
@@ -145,38 +152,39 @@ def _geometry(z: torch.Tensor, pool: bool):
     Hp, Wp = (H // 2, W // 2) if pool else (H, W)
     block = max(16, triton.next_power_of_2(M))
     block_out = max(16, triton.next_power_of_2(Hp * Wp))
-    return N, C, H, W, M, Hp, Wp, block, block_out
+    return N, C, H, W, M, Hp, Wp, block, block_out, warps_for(block)
 
 
 def forward(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pool: bool, eps: float):
     z = z.contiguous()
-    N, C, H, W, M, Hp, Wp, block, block_out = _geometry(z, pool)
+    N, C, H, W, M, Hp, Wp, block, block_out, warps = _geometry(z, pool)
     out = torch.empty(N, C, Hp, Wp, device=z.device, dtype=z.dtype)
     mean = torch.empty(N, C, device=z.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     _forward[(N * C,)](z, weight.contiguous(), bias.contiguous(), out, mean, rstd, C, M, W, Hp,
-                       Wp, float(eps), POOL=bool(pool), BLOCK=block, BLOCK_OUT=block_out)
+                       Wp, float(eps), POOL=bool(pool), BLOCK=block, BLOCK_OUT=block_out,
+                       num_warps=warps)
     return out, mean, rstd
 
 
 def backward(g, z, mean, rstd, weight, bias, pool: bool):
     z, g = z.contiguous(), g.contiguous()
-    N, C, H, W, M, Hp, Wp, block, _ = _geometry(z, pool)
+    N, C, H, W, M, Hp, Wp, block, _, warps = _geometry(z, pool)
     dz = torch.empty_like(z)
     dw = torch.empty(N, C, device=z.device, dtype=torch.float32)
     db = torch.empty_like(dw)
     _backward[(N * C,)](g, z, mean, rstd, weight.contiguous(), bias.contiguous(), dz, dw, db,
-                        C, M, W, Hp, Wp, POOL=bool(pool), BLOCK=block)
+                        C, M, W, Hp, Wp, POOL=bool(pool), BLOCK=block, num_warps=warps)
     return dz, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)
 
 
 def double_backward(u, g, z, mean, rstd, weight, bias, pool: bool):
     u, z, g = u.contiguous(), z.contiguous(), g.contiguous()
-    N, C, H, W, M, Hp, Wp, block, block_out = _geometry(z, pool)
+    N, C, H, W, M, Hp, Wp, block, block_out, warps = _geometry(z, pool)
     dg = torch.empty_like(g)
     dz = torch.empty_like(z)
     dw = torch.empty(N, C, device=z.device, dtype=torch.float32)
     _double_backward[(N * C,)](u, g, z, mean, rstd, weight.contiguous(), bias.contiguous(), dg,
                                dz, dw, C, M, W, Hp, Wp, POOL=bool(pool), BLOCK=block,
-                               BLOCK_OUT=block_out)
+                               BLOCK_OUT=block_out, num_warps=warps)
     return dg, dz, dw.sum(0).to(weight.dtype)

@@ -33,6 +33,7 @@ def test_distill_and_evaluate_end_to_end(smoke_run, capsys):
     assert main(["info", smoke_run]) == 0
 
 
+@pytest.mark.numerics
 def test_same_seed_bit_identical(smoke_run, tmp_path):
     from dasm import SyntheticSet
 

@@ -43,6 +43,7 @@ def test_step_lowers_match_loss_on_fixed_network(tiny_ds):
     assert (after < before).all(), (before, after)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("metric", ["l1", "mse", "cos"])
 @pytest.mark.parametrize("frozen_n", [0, 2])
 @pytest.mark.parametrize("update", ["sequential", "joint"])
@@ -63,6 +64,7 @@ def test_batched_engine_equals_loop(tiny_ds, metric, frozen_n, update):
     assert not torch.equal(a[0], images)
 
 
+@pytest.mark.numerics
 def test_vmap_class_batching_equals_sequential(tiny_ds):
     seq = make_matcher(tiny_ds, "match.class_batching=sequential", "match.lr_img=0.02")
     vm = make_matcher(tiny_ds, "match.class_batching=vmap", "match.lr_img=0.02")
@@ -101,6 +103,7 @@ def test_sequential_momentum_closed_form(mu):
         torch.testing.assert_close(opt.state[leaf]["momentum_buffer"], mu ** C * b + keep.view(-1, 1) * g)
 
 
+@pytest.mark.numerics
 def test_frozen_mix_equals_one_batch(tiny_ds):
     """(n_t g_t + n_f g_f) / (n_t + n_f) is the gradient of the concatenated batch."""
     m = make_matcher(tiny_ds)

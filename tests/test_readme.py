@@ -1,12 +1,16 @@
 """Every `dasm` and `torchrun ... -m dasm` command the README shows runs, in order, with tiny
-overrides (a smaller dataset, network and budget), so a README command cannot rot."""
+overrides (a smaller dataset, network and budget), so a README command cannot rot. A `distill`
+whose IPC the README splits into segments runs as DASM here too (two segments of 1 image), and
+at this kept fraction that is the large-phi plan (lack pools, conditioned networks)."""
 import os
 import re
 import shlex
 
 import pytest
 
+from dasm import SyntheticSet
 from dasm.cli import main
+from dasm.plan import segment_sizes
 
 from conftest import ROOT, SMOKE
 
@@ -40,6 +44,9 @@ def tiny(argv: list[str], tmp) -> list[str]:
         if "--config" not in argv:
             argv += ["--config", SMOKE]
         argv += TINY
+    if argv[0] == "distill" and "--ipc" in argv:
+        if len(segment_sizes(int(argv[argv.index("--ipc") + 1]), "auto")) == 2:
+            argv += ["--set", "dasm.segments=2"]  # the README's DASM, in two segments of 1
     if argv[0] == "evaluate":
         argv += ["--epochs", "1", "--repeats", "1"]
     return argv
@@ -52,5 +59,12 @@ def test_readme_shows_commands():
 
 @pytest.mark.slow
 def test_every_readme_command_runs(tmp_path):
+    dasm_runs = 0
     for argv in readme_commands():
-        assert main(tiny(argv, tmp_path)) == 0, " ".join(argv)
+        small = tiny(argv, tmp_path)
+        assert main(small) == 0, " ".join(argv)
+        if "dasm.segments=2" in small:
+            out = small[small.index("--out") + 1]
+            assert SyntheticSet.load(f"{out}/synthetic.safetensors").segment_sizes == [1, 1]
+            dasm_runs += 1
+    assert dasm_runs >= 3  # the "2 segments of 10" line, the profile line and its --resume

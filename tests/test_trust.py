@@ -154,6 +154,7 @@ def test_stale_temporaries_removed_and_umask_honoured(two_segments, tmp_path):
     assert mode == 0o644, oct(mode)
 
 
+@pytest.mark.numerics
 def test_same_seed_same_bytes(two_segments, tmp_path):
     again = tmp_path / "again"
     assert main(["distill", "--config", SMOKE, "--out", str(again), *SEG2]) == 0
@@ -164,3 +165,105 @@ def test_same_seed_same_bytes(two_segments, tmp_path):
 def test_checkpoints_load_without_pickle_code(two_segments):
     state = torch.load(two_segments / "checkpoints" / "segment_002.pt", weights_only=True)
     assert set(state) == {"segment", "stored", "used", "generator", "identity"}
+
+
+# ------------------------------------------- bad input a new user tried (issue 16, item 5)
+def test_seed_out_of_range_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "x"
+    assert main(["distill", "--config", SMOKE, "--seed", "99999999999999999999",
+                 "--out", str(out)]) == 2
+    one_error_line(capsys, "'seed'")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "shape", "nan"])
+def test_checkpoint_with_right_identity_but_bad_entries(two_segments, tmp_path, capsys, damage):
+    cut = interrupted_copy(two_segments, tmp_path)
+    ck = cut / "checkpoints" / "segment_002.pt"
+    state = torch.load(ck, weights_only=True)
+    if damage == "missing":
+        del state["stored"]
+    elif damage == "shape":
+        state["stored"] = state["stored"][:, :1]
+    else:
+        state["stored"][0, 0, 0, 0, 0] = float("nan")
+    torch.save(state, ck)
+    before = snapshot(cut)
+    assert main(["distill", "--config", SMOKE, "--out", str(cut), "--resume", *SEG2]) == 2
+    one_error_line(capsys, "segment_002.pt", "missing" if damage == "missing" else
+                   ("expected" if damage == "shape" else "NaN"))
+    assert snapshot(cut) == before
+
+
+def write_png_folder(root, classes_train=("a", "b"), classes_test=("a", "b")):
+    from PIL import Image
+
+    for split, classes in (("train", classes_train), ("test", classes_test)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("L", (8, 8), 40 * i).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_truncated_png_names_the_file(tmp_path, capsys):
+    root = write_png_folder(tmp_path / "folder")
+    bad = root / "train" / "b" / "1.png"
+    from PIL import Image
+    import numpy as np
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    assert main(["distill", "--config", SMOKE, "--dataset", f"imagefolder:{root}",
+                 "--out", str(tmp_path / "r")]) == 2
+    one_error_line(capsys, str(bad))
+    assert not (tmp_path / "r").exists()
+
+
+def test_test_folder_lacking_a_class_names_it(tmp_path, capsys):
+    root = write_png_folder(tmp_path / "folder", classes_test=("a",))
+    assert main(["distill", "--config", SMOKE, "--dataset", f"imagefolder:{root}",
+                 "--out", str(tmp_path / "r")]) == 2
+    one_error_line(capsys, "test", "'b'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_python_tag_in_config_yaml_is_one_line(two_segments, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(two_segments, run)
+    (run / "config.yaml").write_text("seed: !!python/object/apply:os.system ['true']\n")
+    before = snapshot(run)
+    assert main(["evaluate", str(run)]) == 2
+    one_error_line(capsys, "config.yaml", "line 1")
+    assert snapshot(run) == before
+
+
+def test_score_to_a_read_only_place_fails_before_training(two_segments, tmp_path, capsys):
+    if os.geteuid() == 0:  # root writes anywhere: a path under a regular file is unwritable
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "scores.safetensors"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        out = ro / "scores.safetensors"
+    run = tmp_path / "run"
+    shutil.copytree(two_segments, run)
+    before = snapshot(run)
+    assert main(["score", "--config", SMOKE, "--model-from", str(run), "--out", str(out)]) == 2
+    one_error_line(capsys, "--out", str(out))
+    assert snapshot(run) == before and not (run / "model.pt").exists()
+
+
+def test_non_finite_synthetic_set_is_refused(two_segments, tmp_path, capsys):
+    from dasm import SyntheticSet
+
+    run = tmp_path / "run"
+    shutil.copytree(two_segments, run)
+    sset = SyntheticSet.load(run / "synthetic.safetensors")
+    sset.images[:] = float("nan")
+    sset.save(run / "synthetic.safetensors")
+    before = snapshot(run)
+    assert main(["evaluate", str(run)]) == 2
+    one_error_line(capsys, "NaN")
+    assert snapshot(run) == before

@@ -1,0 +1,76 @@
+"""The README's key table against the config schema, and the project's own docs."""
+import dataclasses
+import pathlib
+import re
+
+from dasm.config import Config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def schema_defaults() -> dict[str, object]:
+    """Dotted key -> default of every schema field."""
+    out = {}
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, prefix + f.name + ".")
+            else:
+                out[prefix + f.name] = v
+    walk(Config(), "")
+    return out
+
+
+def shown(value) -> str:
+    """A default as the README writes it: true/false, 1 for 1.0, lists as [a, b]."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def key_table() -> list[tuple[list[str], list[str]]]:
+    """``(keys, defaults)`` of every row of the README's key table."""
+    start = README.index("| key | default | meaning |")
+    rows = []
+    for line in README[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        keys, default = [c.strip() for c in line.strip("|").split("|")][:2]
+        keys = re.findall(r"`([a-z_.]+)`", keys.split("(")[0])
+        # a remark in parentheses after a value (e.g. "auto (2)") is not part of it
+        defaults = [re.sub(r"\s*\(.*?\)", "", d).strip() for d in default.split(", ")]
+        rows.append((keys, defaults))
+    return rows
+
+
+def test_readme_key_table_matches_the_schema():
+    schema = schema_defaults()
+    rows = key_table()
+    assert len(rows) >= 10
+    for keys, defaults in rows:
+        assert len(keys) == len(defaults), f"row {keys}: {len(defaults)} defaults for the keys"
+        for key, default in zip(keys, defaults):
+            assert key in schema, f"README names config key {key!r} that the schema lacks"
+            assert default == shown(schema[key]), \
+                f"README gives {key} = {default!r}, the schema's default is {shown(schema[key])!r}"
+    # every DASM key is documented
+    documented = {k for keys, _ in rows for k in keys}
+    missing = sorted(k for k in schema if k.startswith("dasm.") and k not in documented)
+    assert not missing, f"dasm keys missing from the README's table: {missing}"
+
+
+def test_the_clone_carries_its_own_docs():
+    """A user's clone has no ../shared: the project cites only what it carries."""
+    for doc in ("docs/method.md", "docs/protocol.md"):
+        assert (ROOT / doc).is_file()
+    cited = []
+    for p in [ROOT / "README.md", *ROOT.glob("dasm/*.py"), *ROOT.glob("benchmarks/*"),
+              *ROOT.glob("configs/**/*.yaml"), *ROOT.glob("tests/*.py")]:
+        if p.name != "test_docs.py" and re.search(r"\b(DESIGN|PROTOCOL)\.md", p.read_text()):
+            cited.append(p.name)
+    assert not cited, f"files cite documents a clone lacks: {cited}"
