@@ -223,8 +223,8 @@ def plan(cfg) -> list[Segment]:
         frozen = sum(sizes[j] * fs[j] ** 2 for j in range(k))
         batch = synthetic_batch(m, size * fs[k] ** 2, frozen)
         share = batch[0] / (batch[0] + batch[1])
-        out.append(Segment(k, size, sum(sizes[:k]), fs[k], d.pool, easy, hard,
-                           "fresh" if k == 0 else d.match_init,
+        out.append(Segment(k, size, sum(sizes[:k]), fs[k], d.pool if k else "rank", easy, hard,
+                           d.match_init if k else "fresh",
                            iterations_for(d, m.iterations, k, K), batch,
                            m.lr_img * (1.0 / share) if d.step_parity else m.lr_img))
     return out

@@ -64,33 +64,13 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
         for seg in segments[:done]:  # a run killed between a checkpoint and its grid
             if ctx.is_main and not run.grid(seg.index + 1).exists():
                 save_grid(stored[:, seg.start:seg.start + seg.ipc], run.grid(seg.index + 1))
-    class_index = ds.class_index()
     matcher = Matcher(cfg, ds, device, gen, log=run.log, progress=progress)
     for seg in segments[done:]:
         t0 = time.perf_counter()
         earlier = stored[:, :seg.start]
-        pools, starts, pool_stats = list(class_index), None, {}
         need = real_needed(cfg.synthetic.init, seg.ipc, seg.factor)
-        if seg.index > 0 and (seg.needs_scorer or seg.match_init == "conditioned"):
-            x, y = SyntheticSet(earlier, factors[:seg.index], sizes[:seg.index]).decoded()
-        if seg.needs_scorer:
-            warm = seg.match_init == "scorer"
-            scorer, snapshots = train_scorer(cfg, ds, x, y, gen, device,
-                                             d.warm_starts if warm else 0, progress)
-            if not seg.full_pool:
-                scores = score_dataset(scorer, ds)
-                if seg.pool == "lack":
-                    pools, pool_stats = lack_pools(scores, class_index, d.lack_margin,
-                                                   d.tail_drop, d.coverage, need, ~used, gen)
-                else:
-                    pools = band_pools(difficulty(scores, d.score), class_index, seg.easy_drop,
-                                       seg.hard_drop, ds.classes)
-            starts = snapshots if warm else None
-            del scorer
-        if seg.index > 0 and seg.match_init == "conditioned":
-            nets = train_conditioned(cfg, ds, x, y, gen, device,
-                                     condition_count(seg.iterations, d.condition_every), progress)
-            starts = [nets[i // d.condition_every] for i in range(seg.iterations)]
+        pools, starts, pool_stats = _pools_and_starts(cfg, ds, seg, earlier, sizes, factors, used,
+                                                      need, gen, device, progress)
         init = initialise(cfg.synthetic.init, _init_images(ds, pools, used, seg, need, gen), C,
                           seg.ipc, ds.channels, ds.image_size, seg.factor, gen)
         net_pool = torch.arange(ds.train_images.shape[0]) if d.net_data == "full" \
@@ -121,6 +101,36 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
     run.log({"event": "done", "segments": len(segments)})
     ctx.barrier()  # outputs are complete before any rank returns
     return sset
+
+
+def _pools_and_starts(cfg: Config, ds: Dataset, seg: Segment, earlier: torch.Tensor,
+                      sizes: list[int], factors: list[int], used: torch.Tensor, need: int,
+                      gen: torch.Generator, device, progress: bool):
+    """Segment ``seg``'s per-class pools, the states its matching networks start from (None:
+    fresh) and the pool's statistics for the log. ``earlier``: the stored segments before it."""
+    d, class_index = cfg.dasm, ds.class_index()
+    pools, starts, stats = list(class_index), None, {}
+    if seg.index == 0 or not (seg.needs_scorer or seg.match_init == "conditioned"):
+        return pools, starts, stats
+    x, y = SyntheticSet(earlier, factors[:seg.index], sizes[:seg.index]).decoded()
+    if seg.needs_scorer:
+        warm = seg.match_init == "scorer"
+        scorer, snapshots = train_scorer(cfg, ds, x, y, gen, device, d.warm_starts if warm else 0,
+                                         progress)
+        if not seg.full_pool:
+            scores = score_dataset(scorer, ds)
+            if seg.pool == "lack":
+                pools, stats = lack_pools(scores, class_index, d.lack_margin, d.tail_drop,
+                                          d.coverage, need, ~used, gen)
+            else:
+                pools = band_pools(difficulty(scores, d.score), class_index, seg.easy_drop,
+                                   seg.hard_drop, ds.classes)
+        starts = snapshots if warm else None
+    if seg.match_init == "conditioned":
+        nets = train_conditioned(cfg, ds, x, y, gen, device,
+                                 condition_count(seg.iterations, d.condition_every), progress)
+        starts = [nets[i // d.condition_every] for i in range(seg.iterations)]
+    return pools, starts, stats
 
 
 def _init_images(ds: Dataset, pools: list[torch.Tensor], used: torch.Tensor, seg: Segment,

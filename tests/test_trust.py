@@ -25,6 +25,18 @@ def one_error_line(capsys, *needles):
     return err
 
 
+def unwritable(tmp_path, name):
+    """A path where nothing can be written: below a read-only folder, or, for root (who writes
+    anywhere), below a regular file."""
+    if os.geteuid() == 0:
+        (tmp_path / "f").write_text("x")
+        return tmp_path / "f" / name
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    return ro / name
+
+
 @pytest.fixture(scope="module")
 def two_segments(tmp_path_factory):
     out = tmp_path_factory.mktemp("trust") / "run"
@@ -86,14 +98,7 @@ def test_unusable_out_is_one_line(tmp_path, capsys, where):
     elif where == "proc":
         out = "/proc/dasm-test/run"
     else:
-        if os.geteuid() == 0:  # root writes anywhere; a path below a regular file cannot exist
-            (tmp_path / "f").write_text("x")
-            out = tmp_path / "f" / "run"
-        else:
-            ro = tmp_path / "ro"
-            ro.mkdir()
-            ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
-            out = ro / "run"
+        out = unwritable(tmp_path, "run")
     assert main(["distill", "--config", SMOKE, "--out", str(out)]) == 2
     one_error_line(capsys, str(out) if where != "unwritable" else "run")
     if where == "file":
@@ -239,14 +244,7 @@ def test_python_tag_in_config_yaml_is_one_line(two_segments, tmp_path, capsys):
 
 
 def test_score_to_a_read_only_place_fails_before_training(two_segments, tmp_path, capsys):
-    if os.geteuid() == 0:  # root writes anywhere: a path under a regular file is unwritable
-        (tmp_path / "file").write_text("x")
-        out = tmp_path / "file" / "scores.safetensors"
-    else:
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
-        out = ro / "scores.safetensors"
+    out = unwritable(tmp_path, "scores.safetensors")
     run = tmp_path / "run"
     shutil.copytree(two_segments, run)
     before = snapshot(run)
