@@ -122,8 +122,9 @@ class Matcher:
         return model
 
     def _block_override(self):
-        """The fused ext block does not run under vmap or second-order norm matching."""
-        if (self.class_batching == "vmap" and self.m.engine == "batched") or self.m.match_bias:
+        """Matching the norm's weights and biases needs second derivatives through their
+        gradients, which the fused block does not implement: the reference serves then."""
+        if self.m.match_bias:
             return ops.override(instance_norm_relu_pool="reference")
         return ops.override()
 
