@@ -68,6 +68,10 @@ def test_export_both_formats(smoke_run, tmp_path):
     (["distill", "--set", "match.speed=11"], "unknown config key 'match.speed'"),
     (["distill", "--set", "dasm.segments=3"], "do not divide"),
     (["distill", "--set", "match.metric=hamming"], "match.metric"),
+    (["distill", "--set", "backend=grad_distance=warp"], "config key 'backend': unknown backend"),
+    (["distill", "--set", "backend=conv=triton"], "config key 'backend': unknown op 'conv'"),
+    (["distill", "--set", "synthetic.factor=[2,0]"], "synthetic.factor"),
+    (["distill", "--set", "dasm.pool=lack", "--set", "dasm.easy_drop=0.3"], "'dasm.pool' is lack"),
 ])
 def test_bad_input_exit_2_and_outputs_untouched(smoke_run, capsys, argv, message):
     before = snapshot(smoke_run)
@@ -103,3 +107,11 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dasm", "distill", "--ipc", "0", "--out",
                         str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and "synthetic.ipc" in r.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("spec", ["compile", "grad_distance=compile", "reference",
+                                  "grad_distance=triton,decode_augment=reference"])
+def test_backend_specs_the_readme_offers_load(spec):
+    from conftest import smoke_config
+
+    assert smoke_config(f"backend={spec}").backend == spec
