@@ -257,7 +257,7 @@ def report(path: Path, name: str, split: str, ipcs, methods):
     """The markdown table and the plot of every run in the results file."""
     records = json.loads(path.read_text())["runs"]
     present = {r["method"] for r in records}
-    methods = [m for m in METHODS if m in present and (m in methods or m in CONTENDERS)]
+    methods = [m for m in METHODS if m in present]  # the whole file: every worker's records
     ipcs = sorted({r["ipc"] for r in records if r["ipc"] is not None}) or ipcs  # the whole file
     md = markdown(records, ipcs, methods, split)
     io.write_text(RESULTS / f"accuracy-{name}.md", md)
@@ -411,6 +411,7 @@ def plot(records, ipcs, methods, path, title):
     dx.axhline(0, color="k", lw=0.8)
     for a_ in (ax, dx):
         a_.set_xscale("log")
+        a_.minorticks_off()
         a_.set_xticks(ipcs)
         a_.set_xticklabels([str(i) for i in ipcs])
         a_.set_xlabel("images per class (IPC)")
