@@ -215,6 +215,7 @@ def main():
                        "distill_seconds": distill_seconds(run), "eval_seconds": s["seconds"],
                        "segments": s["segments"], "train_images": s["train_images"],
                        "epochs": s["epochs"], "config_identity": resolved.identity(),
+                       "argv": sys.argv[1:],  # the worker's own command (the header: the last)
                        "run_dir": str(run.path.relative_to(ROOT))}
                 merge(results_path, header, rec)
                 print(f"  ipc {ipc:4d} seed {seed} {method:15s} {rec['mean'] * 100:6.2f} +- "
