@@ -10,8 +10,8 @@ dasm.segments          the number of segments ``segments: auto`` gives (dasm.pla
 synthetic.factor       1 for images under 16 px (8x8 digits lose 21 points with 2); else by the
                        kept fraction phi (dasm.plan.auto_plan): 2 (IDC) at small phi, 1 at large
 dasm.pool              rank when a band (easy_drop, hard_drop) is set; else rank (full pools)
-                       at small phi or K = 1, lack at large phi (dasm.plan)
-dasm.match_init        fresh at small phi or K = 1; conditioned at large phi (dasm.plan)
+                       at small phi or K = 1; at large phi dasm.plan.LARGE_PHI_LATER
+dasm.match_init        fresh at small phi or K = 1; at large phi dasm.plan.LARGE_PHI_LATER
 match.metric           l1 for MNIST-likes, mse otherwise
 match.lr_img           1e-4 (MNIST-likes) or 5e-3, x (ipc/10) x (size/base)^2 x lr_img_scale;
                        base 28 for MNIST, 32 otherwise; ipc: the largest segment's

@@ -1,7 +1,7 @@
 """Every `dasm` and `torchrun ... -m dasm` command the README shows runs, in order, with tiny
 overrides (a smaller dataset, network and budget), so a README command cannot rot. A `distill`
 whose IPC the README splits into segments runs as DASM here too (two segments of 1 image), and
-at this kept fraction that is the large-phi plan (lack pools, conditioned networks)."""
+at this kept fraction that is the large-phi plan."""
 import os
 import re
 import shlex
