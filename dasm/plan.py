@@ -16,18 +16,19 @@ phi             factor        pools       matching networks    evidence (held-ou
                                                                cost 1.4 points (results/
                                                                archive/ablation-cpu.md)
 >= PHI_LARGE    1             rank, full  fresh                IPC 500 (phi 0.1): two halves
-                                                               at factor 1 88.57, with lack
-                                                               pools + conditioned networks
-                                                               88.35; idc-f1 88.11, random
-                                                               88.32 (one seed)
+                                                               at factor 1 88.57, + lack
+                                                               pools 88.75, + lack pools and
+                                                               conditioned networks 88.35;
+                                                               idc-f1 88.11, random 88.32
+                                                               (one seed)
 ==============  ============  ==========  ===================  ============================
 
 The held-out ablation behind the large-phi row is ``results/accuracy-cpu-holdout-highipc.md``;
 its variants and decision rule were written into ``results/ablation-highipc-plan.json`` before
 any ran. The rule keeps a piece only when the variant with it beats the one without by 0.2
-points: lack pools and conditioned networks together did not (-0.22 at IPC 500), so both are off
-by default at every phi and stay switches (``dasm.pool: lack``, ``dasm.match_init:
-conditioned``). The decision rests on IPC 500 alone so far (IPC 1000 had dasm-all 89.72 against
+points: lack pools alone gained 0.18 at IPC 500 (short of it) and lack pools with conditioned
+networks lost 0.22, so both are off by default at every phi and stay switches (``dasm.pool:
+lack``, ``dasm.match_init: conditioned``). The decision rests on IPC 500 alone so far (IPC 1000 had dasm-all 89.72 against
 idc-f1 89.52, and no piece-free variant yet); :data:`LARGE_PHI_LATER` is where a completed
 ablation changes it. PHI_LARGE = 0.05 lies between the measured regimes (0.02 and 0.1); the
 crossover (IPC 150-300 on Fashion-MNIST) is not measured, so its exact place is open.
