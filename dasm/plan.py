@@ -19,19 +19,21 @@ phi             factor        pools       matching networks    evidence (held-ou
                                                                at factor 1 88.57, + lack
                                                                pools 88.75, + lack pools and
                                                                conditioned networks 88.35;
-                                                               idc-f1 88.11, random 88.32
-                                                               (one seed)
+                                                               idc-f1 88.11, random 88.32;
+                                                               IPC 1000 (phi 0.2): 89.47,
+                                                               with both pieces 89.72; idc-f1
+                                                               89.52, random 89.81 (one seed)
 ==============  ============  ==========  ===================  ============================
 
 The held-out ablation behind the large-phi row is ``results/accuracy-cpu-holdout-highipc.md``;
 its variants and decision rule were written into ``results/ablation-highipc-plan.json`` before
-any ran. The rule keeps a piece only when the variant with it beats the one without by 0.2
-points: lack pools alone gained 0.18 at IPC 500 (short of it) and lack pools with conditioned
-networks lost 0.22, so both are off by default at every phi and stay switches (``dasm.pool:
-lack``, ``dasm.match_init: conditioned``). The decision rests on IPC 500 alone so far (IPC 1000 had dasm-all 89.72 against
-idc-f1 89.52, and no piece-free variant yet); :data:`LARGE_PHI_LATER` is where a completed
-ablation changes it. PHI_LARGE = 0.05 lies between the measured regimes (0.02 and 0.1); the
-crossover (IPC 150-300 on Fashion-MNIST) is not measured, so its exact place is open.
+any ran. The rule (score = mean over IPC 500 and 1000) keeps more pieces only at +0.2: lack pools
+with conditioned networks scored +0.02 over none (-0.22 at 500, +0.25 at 1000), lack pools alone
++0.18 at IPC 500 (not yet run at 1000), so both are off by default at every phi and stay
+switches (``dasm.pool: lack``, ``dasm.match_init: conditioned``); :data:`LARGE_PHI_LATER` is
+where a completed ablation changes it. PHI_LARGE = 0.05 lies between the measured regimes (0.02
+and 0.1); the crossover (IPC 150-300 on Fashion-MNIST) is not measured, so its exact place is
+open.
 
 Rank pools are per-class difficulty ranks, easiest first, as fractions ``[lo, hi)`` of the
 class: segment ``k >= 1`` of ``K`` leaves out the easiest ``lo_k = easy_drop * k / (K - 1)``
