@@ -116,6 +116,14 @@ def _preference(op: str) -> str:
     return table.get(op, table.get("*", "auto"))
 
 
+def _check_range(idx: torch.Tensor, n: int, what: str) -> None:
+    """Indices on the host must lie in ``[0, n)``: a clear error here instead of a device
+    assert (which kills the CUDA context) or an out-of-bounds read in a kernel. Indices already
+    on a GPU are not checked (that would synchronise the hot path)."""
+    if idx.device.type == "cpu" and len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"{what} outside [0, {n})")
+
+
 def _float32_only(op: str, b: str, t: torch.Tensor) -> str:
     """The reference for a tensor the fast kernels do not take (they are float32 only); a
     backend forced for it is a clear error."""
@@ -269,9 +277,8 @@ def decode_augment(stored: torch.Tensor, factor: int = 1, sel: torch.Tensor | No
         M = stored.shape[0] * factor * factor if sel is None else sel.shape[0]
         if len(params) != M:
             raise ValueError(f"decode_augment: {len(params)} DSA rows for {M} outputs")
-    if sel is not None and sel.device.type == "cpu" and len(sel) and (
-            int(sel.min()) < 0 or int(sel.max()) >= stored.shape[0] * factor * factor):
-        raise ValueError(f"decode_augment: sel outside [0, {stored.shape[0] * factor * factor})")
+    if sel is not None:
+        _check_range(sel, stored.shape[0] * factor * factor, "decode_augment: sel")
     b = _float32_only("decode_augment", backend_for("decode_augment", stored.device), stored)
     if b == "triton":
         return _kernel("decode_augment").decode_augment(stored, factor, sel, params, mean, std)
@@ -303,9 +310,7 @@ def grad_distance(gr: torch.Tensor, gs: torch.Tensor, layout: GradLayout,
 def sample_scores(logits: torch.Tensor, labels: torch.Tensor):
     """Per-sample cross-entropy loss, EL2N (|softmax - onehot|_2) and margin (true logit minus
     the largest other) of ``logits [N, K]`` (fp32/bf16/fp16) -> three ``[N]`` float32 tensors."""
-    if labels.device.type == "cpu" and len(labels) and (
-            int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
-        raise ValueError(f"sample_scores: labels outside [0, {logits.shape[1]})")
+    _check_range(labels, logits.shape[1], "sample_scores: labels")
     b = backend_for("sample_scores", logits.device)
     if b == "triton" and logits.dtype == torch.float64:
         b = _float32_only("sample_scores", b, logits)
@@ -332,9 +337,7 @@ def accumulate_class_grads(buffer: torch.Tensor, grads: Sequence[torch.Tensor],
             a[1] > b[0] for a, b in zip(spans, spans[1:])):
         raise ValueError(f"accumulate_class_grads: layer spans {spans} overlap or leave the "
                          f"buffer's {buffer.shape[1]} columns")
-    if classes.device.type == "cpu" and len(classes) and (
-            int(classes.min()) < 0 or int(classes.max()) >= buffer.shape[0]):
-        raise ValueError(f"accumulate_class_grads: classes outside [0, {buffer.shape[0]})")
+    _check_range(classes, buffer.shape[0], "accumulate_class_grads: classes")
     classes = classes.contiguous()
     b = _float32_only("accumulate_class_grads",
                       backend_for("accumulate_class_grads", buffer.device), buffer)
