@@ -34,9 +34,16 @@ void check_accumulate(const torch::Tensor& buffer, const std::vector<torch::Tens
   TORCH_CHECK(buffer.is_contiguous(), "accumulate_class_grads: buffer must be contiguous");
   TORCH_CHECK(classes.dim() == 1 && classes.scalar_type() == torch::kInt64,
               "accumulate_class_grads: classes must be a 1-D int64 tensor");
-  TORCH_CHECK(classes.device() == buffer.device(),
-              "accumulate_class_grads: classes is on ", classes.device(), ", buffer on ",
-              buffer.device());
+  // class indices stay on the host, where their range is checked (a device assert would kill
+  // the CUDA context); the CUDA path uploads them with its work table
+  TORCH_CHECK(classes.is_cpu(), "accumulate_class_grads: classes must be a CPU tensor, got ",
+              classes.device());
+  const int64_t C = buffer.size(0);
+  const auto cls = classes.contiguous();
+  const int64_t* c = cls.data_ptr<int64_t>();
+  for (int64_t j = 0; j < cls.size(0); ++j)
+    TORCH_CHECK(c[j] >= 0 && c[j] < C, "accumulate_class_grads: class index ", c[j],
+                " out of range [0, ", C, ")");
   TORCH_CHECK(grads.size() == offsets.size(), "accumulate_class_grads: ", grads.size(),
               " gradients but ", offsets.size(), " offsets");
   const int64_t B = classes.size(0), P = buffer.size(1);
@@ -65,11 +72,9 @@ void accumulate_class_grads(torch::Tensor buffer, std::vector<torch::Tensor> gra
 #endif
   TORCH_CHECK(buffer.is_cpu(), "accumulate_class_grads: this build supports CPU tensors only, got ",
               buffer.device());
-  const int64_t C = buffer.size(0), P = buffer.size(1), B = classes.size(0);
-  const int64_t* cls = classes.data_ptr<int64_t>();
-  for (int64_t j = 0; j < B; ++j)
-    TORCH_CHECK(cls[j] >= 0 && cls[j] < C, "accumulate_class_grads: class index ", cls[j],
-                " out of range [0, ", C, ")");
+  const int64_t P = buffer.size(1), B = classes.size(0);
+  const auto classes_c = classes.contiguous();
+  const int64_t* cls = classes_c.data_ptr<int64_t>();
   std::vector<torch::Tensor> flat;
   flat.reserve(grads.size());
   for (auto& g : grads) flat.push_back(g.contiguous());

@@ -201,7 +201,7 @@ class Matcher:
             for j, c in enumerate(classes.tolist()):
                 g = self._class_grad(model, weights, x[j].detach(), c, create_graph=False)
                 ops.accumulate_class_grads(buffer, [t.unsqueeze(0) for t in g], self.layout.offsets,
-                                           classes[j:j + 1].to(self.device), scale)
+                                           classes[j:j + 1], scale)
 
     def _chunk_classes(self, batch: int) -> int:
         """Classes per graph chunk: set, or chosen from ``memory_budget_mb``."""

@@ -327,7 +327,8 @@ def accumulate_class_grads(buffer: torch.Tensor, grads: Sequence[torch.Tensor],
     """``buffer[classes[j], offsets[i]:offsets[i] + numel_i] += scale * grads[i][j].flatten()``.
 
     buffer: ``[C, P]`` float32, updated in place; grads: per-layer ``[B, *shape_i]``; classes:
-    ``[B]`` int64 rows (repeats accumulate). Returns ``buffer``. No autograd.
+    ``[B]`` int64 rows (repeats accumulate), range-checked on the host (a GPU tensor is copied
+    there first, a synchronisation: pass host indices). Returns ``buffer``. No autograd.
     """
     if len(grads) != len(offsets):
         raise ValueError("accumulate_class_grads: one offset per gradient tensor")
@@ -337,8 +338,8 @@ def accumulate_class_grads(buffer: torch.Tensor, grads: Sequence[torch.Tensor],
             a[1] > b[0] for a, b in zip(spans, spans[1:])):
         raise ValueError(f"accumulate_class_grads: layer spans {spans} overlap or leave the "
                          f"buffer's {buffer.shape[1]} columns")
+    classes = classes.cpu().contiguous()  # no-op for host indices (the matcher's)
     _check_range(classes, buffer.shape[0], "accumulate_class_grads: classes")
-    classes = classes.contiguous()
     b = _float32_only("accumulate_class_grads",
                       backend_for("accumulate_class_grads", buffer.device), buffer)
     with torch.no_grad():
@@ -346,7 +347,8 @@ def accumulate_class_grads(buffer: torch.Tensor, grads: Sequence[torch.Tensor],
             ext().accumulate_class_grads(buffer, list(grads), [int(o) for o in offsets], classes,
                                          float(scale))
             return buffer
-        return ref.accumulate_class_grads(buffer, grads, offsets, classes, scale)
+        return ref.accumulate_class_grads(buffer, grads, offsets, classes.to(buffer.device),
+                                          scale)
 
 
 def instance_norm_relu_pool(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -54,7 +54,7 @@ def test_accumulate_non_contiguous_inputs():
     (lambda b, g, o, c: (b, [g[0][:1]] + g[1:], o, c), "leading dimension"),
     (lambda b, g, o, c: (b, g, o, c + 100), "out of range"),
     (lambda b, g, o, c: (b[0], g, o, c), "2-D"),
-    (lambda b, g, o, c: (b, g, o, c.to("meta")), "classes is on meta"),
+    (lambda b, g, o, c: (b, g, o, c.to("meta")), "classes must be a CPU tensor"),
     (lambda b, g, o, c: (b, g, o, c.int()), "int64"),
 ])
 def test_accumulate_bad_inputs_raise(mutate, message):
@@ -75,11 +75,24 @@ def test_accumulate_cuda_matches_reference():
     if not ext.has_cuda():
         pytest.skip("extension built without CUDA")
     buffer, grads, offsets, classes = random_case(5, C=7, B=9, device="cuda")
+    classes = classes.cpu()  # class indices stay on the host, where their range is checked
     classes[2] = classes[0]
-    want = ops.reference("accumulate_class_grads")(buffer.clone(), grads, offsets, classes, 0.5)
+    want = ops.reference("accumulate_class_grads")(buffer.clone(), grads, offsets,
+                                                   classes.cuda(), 0.5)
     got = buffer.clone()
     ext.accumulate_class_grads(got, grads, offsets, classes, 0.5)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.cuda
+def test_accumulate_cuda_bad_classes_are_host_errors():
+    """Class rows out of range, given on the device, are one host error (no device assert, which
+    would end the CUDA context): the next launch still runs."""
+    buffer, grads, offsets, classes = random_case(6, C=4, B=3, device="cuda")
+    with pytest.raises(ValueError, match=r"classes outside \[0, 4\)"):
+        ops.accumulate_class_grads(buffer, grads, offsets, (classes + 4).cuda())
+    ops.accumulate_class_grads(buffer, grads, offsets, classes)
+    torch.cuda.synchronize()
 
 
 def ext_block(z, w, b, pool, eps):

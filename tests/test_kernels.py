@@ -5,6 +5,7 @@ on small grids; with one (``-m cuda``) on the device, larger.
 """
 import importlib.util
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -212,3 +213,49 @@ def test_block_dispatch_and_forced_limits():
         with pytest.raises(BackendUnavailable, match="exceed"):
             ops.instance_norm_relu_pool(big, torch.ones(1).to(DEV), torch.zeros(1).to(DEV))
 
+
+
+# ------------------------------------------------------------------------- launch limits
+def test_grad_distance_grid_for_a_100m_parameter_network():
+    """The grid of a 100 M-parameter matching network fits CUDA's limits (axis 0: 2^31 - 1,
+    axes 1-2: 65,535) for both metrics' kernels, computed without launching; with the chunks on
+    the small axis it would not (98k chunks > 65,535)."""
+    shapes = [(8192, 8192), (4096, 8192), (512, 4096, 3, 3), (10, 512)]  # ~119 M, 12,810 rows
+    layout = ops.GradLayout.from_shapes([f"p{i}" for i in range(len(shapes))], shapes)
+    assert layout.numel > 100_000_000
+    rows = len(layout.row_starts()) - 1
+    chunks = -(-layout.numel // k_dist.BLOCK)
+    assert chunks > 65_535  # the old layout (chunks on axis 1) could not launch this
+    for C in (10, 1000):
+        for work in (chunks, rows):  # l1/mse chunks, cos rows
+            grid = k_dist.launch_grid(C, work)
+            assert grid == (work, C)
+            assert grid[0] <= 2 ** 31 - 1 and grid[1] <= 65_535
+    with pytest.raises(ValueError, match="70000 classes"):
+        k_dist.launch_grid(70_000, chunks)
+
+
+@pytest.mark.parametrize("block", [16, 256, 1024, 4096, 8192, k_block.MAX_PLANE])
+def test_block_warps_scale_with_the_plane(block):
+    """A program of the fused block holds at most ~32 values per thread (no register spill at
+    large planes) and never exceeds 16 warps; small planes keep the default 4."""
+    warps = k_block.warps_for(block)
+    assert 4 <= warps <= 16
+    assert block / (warps * 32) <= 32
+    if block <= 4096:
+        assert warps == 4
+
+
+def test_decode_augment_transform_limit_is_a_host_error():
+    """A geometric transform beyond the kernel's sampling window (here a 100x zoom-out: each
+    output pixel spans 100 source pixels) is refused on the host with one clear error (on a GPU
+    it was a device assert, which kills the CUDA context); drawn parameters run."""
+    params = dsa.draw(Strategy.parse("scale"), 2, (8, 8), torch.Generator().manual_seed(0))
+    stored = torch.rand(2, 1, 8, 8).to(DEV)
+    k_decode.decode_augment(stored, 1, None, params, None, None)  # drawn: within the window
+    extreme = replace(params, geo=torch.full_like(params.geo, dsa.GEO_SCALE),
+                      scale=torch.full_like(params.scale, 0.01))
+    with pytest.raises(ValueError, match="shrinks by more than"):
+        k_decode.decode_augment(stored, 1, None, extreme.to(DEV), None, None)
+    if DEV == "cuda":  # parameters on the device are checked on the host too: the context lives
+        torch.cuda.synchronize()

@@ -111,3 +111,45 @@ def test_unknown_backend_spec(monkeypatch):
     monkeypatch.setenv("DASM_BACKEND", "fast")
     with pytest.raises(ConfigError, match="unknown backend 'fast'"):
         ops.backend_for("grad_distance", "cpu")
+
+
+# ------------------------------------------------- host checks (a device assert kills CUDA)
+@pytest.mark.parametrize("call, message", [
+    (lambda: ops.decode_augment(torch.rand(2, 1, 4, 4), 2, sel=torch.tensor([0, 8])),
+     r"decode_augment: sel outside \[0, 8\)"),
+    (lambda: ops.decode_augment(torch.rand(2, 1, 4, 4), 1, sel=torch.tensor([-1])),
+     r"decode_augment: sel outside \[0, 2\)"),
+    (lambda: ops.sample_scores(torch.randn(3, 4), torch.tensor([0, 4, 1])),
+     r"sample_scores: labels outside \[0, 4\)"),
+    (lambda: ops.accumulate_class_grads(torch.zeros(3, 4), [torch.ones(2, 4)], [0],
+                                        torch.tensor([0, 3])),
+     r"accumulate_class_grads: classes outside \[0, 3\)"),
+    (lambda: ops.accumulate_class_grads(torch.zeros(3, 8), [torch.ones(1, 4), torch.ones(1, 4)],
+                                        [0, 3], torch.tensor([1])),
+     "overlap"),
+    (lambda: ops.accumulate_class_grads(torch.zeros(3, 8), [torch.ones(1, 6)], [3],
+                                        torch.tensor([1])),
+     "columns"),
+])
+def test_bad_indices_are_host_errors(call, message):
+    """Out-of-range indices and overlapping layer spans are refused on the host, by every
+    backend, with the op and the argument named."""
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_accumulate_takes_device_classes_and_float64_buffers():
+    """Class rows given on any device are checked on the host; a float64 buffer, which the
+    extension does not take, runs on the reference under ``auto`` and is an error where the
+    extension is forced."""
+    from dasm.errors import BackendUnavailable
+
+    g = torch.arange(6.0, dtype=torch.float64).view(2, 3)
+    buffer = torch.zeros(2, 3, dtype=torch.float64)
+    ops.accumulate_class_grads(buffer, [g], [0], torch.tensor([1, 1]), 0.5)
+    torch.testing.assert_close(buffer, torch.tensor([[0.0, 0, 0], [1.5, 2.5, 3.5]],
+                                                    dtype=torch.float64))
+    if ops.ext() is not None:
+        with ops.override(accumulate_class_grads="ext"), \
+                pytest.raises(BackendUnavailable, match="float32 only"):
+            ops.accumulate_class_grads(buffer, [g], [0], torch.tensor([1]))
