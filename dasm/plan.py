@@ -15,25 +15,27 @@ phi             factor        pools       matching networks    evidence (held-ou
                                                                and scorer warm starts each
                                                                cost 1.4 points (results/
                                                                archive/ablation-cpu.md)
->= PHI_LARGE    1             rank, full  fresh                IPC 500 (phi 0.1): two halves
+>= PHI_LARGE    1             lack (k>1)  fresh                IPC 500 (phi 0.1): two halves
                                                                at factor 1 88.57, + lack
                                                                pools 88.75, + lack pools and
                                                                conditioned networks 88.35;
                                                                idc-f1 88.11, random 88.32;
                                                                IPC 1000 (phi 0.2): 89.47,
-                                                               with both pieces 89.72; idc-f1
-                                                               89.52, random 89.81 (one seed)
+                                                               + lack pools 89.94, with both
+                                                               pieces 89.72; idc-f1 89.52,
+                                                               random 89.81 (one seed)
 ==============  ============  ==========  ===================  ============================
 
 The held-out ablation behind the large-phi row is ``results/accuracy-cpu-holdout-highipc.md``;
 its variants and decision rule were written into ``results/ablation-highipc-plan.json`` before
 any ran. The rule (score = mean over IPC 500 and 1000) keeps more pieces only at +0.2: lack pools
-with conditioned networks scored +0.02 over none (-0.22 at 500, +0.25 at 1000), lack pools alone
-+0.18 at IPC 500 (not yet run at 1000), so both are off by default at every phi and stay
-switches (``dasm.pool: lack``, ``dasm.match_init: conditioned``); :data:`LARGE_PHI_LATER` is
-where a completed ablation changes it. PHI_LARGE = 0.05 lies between the measured regimes (0.02
-and 0.1); the crossover (IPC 150-300 on Fashion-MNIST) is not measured, so its exact place is
-open.
+alone scored +0.33 over none (+0.18 at 500, +0.47 at 1000), lack pools with conditioned networks
++0.02 (-0.22 at 500, +0.25 at 1000), so later segments at large phi draw from lack pools with
+fresh networks (:data:`LARGE_PHI_LATER`); conditioned networks stay a switch
+(``dasm.match_init: conditioned``), off by default at every phi. Variants still to run (networks
+alone, a mixed factor, an uneven split, idc at factor 2) may change this row; one seed.
+PHI_LARGE = 0.05 lies between the measured regimes (0.02 and 0.1); the crossover (IPC 150-300 on
+Fashion-MNIST) is not measured, so its exact place is open.
 
 Rank pools are per-class difficulty ranks, easiest first, as fractions ``[lo, hi)`` of the
 class: segment ``k >= 1`` of ``K`` leaves out the easiest ``lo_k = easy_drop * k / (K - 1)``
@@ -51,7 +53,7 @@ AUTO = "auto"
 AUTO_MIN_IPC = 20  # segments: auto splits IPCs from here on into AUTO_SEGMENTS equal segments
 AUTO_SEGMENTS = 2
 PHI_LARGE = 0.05  # kept fraction from which the large-phi plan runs (table above)
-LARGE_PHI_LATER = {"dasm.pool": "rank", "dasm.match_init": "fresh"}  # later segments there
+LARGE_PHI_LATER = {"dasm.pool": "lack", "dasm.match_init": "fresh"}  # later segments there
 
 
 def segment_sizes(ipc: int, segments) -> list[int]:

@@ -93,11 +93,11 @@ def test_plan_sizes_budgets_and_auto_segments():
 
 
 # the held-out decision for later segments at large phi (results/accuracy-cpu-holdout-highipc.md)
-LARGE_PHI_LATER_SEGMENTS = ("rank", "fresh")
+LARGE_PHI_LATER_SEGMENTS = ("lack", "fresh")
 
 
 def test_plan_follows_the_kept_fraction():
-    """auto: IDC-like below PHI_LARGE, factor 1 + lack pools + conditioned networks from it on;
+    """auto: IDC-like below PHI_LARGE, factor 1 and LARGE_PHI_LATER for later segments from it on;
     one segment stays IDC whatever phi is; a band asked for keeps rank pools."""
     assert auto_plan(100, 2, 6000) == {"synthetic.factor": 2, "dasm.pool": "rank",
                                        "dasm.match_init": "fresh"}
