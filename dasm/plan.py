@@ -30,10 +30,11 @@ The held-out ablation behind the large-phi row is ``results/accuracy-cpu-holdout
 its variants and decision rule were written into ``results/ablation-highipc-plan.json`` before
 any ran. The rule (score = mean over IPC 500 and 1000) keeps more pieces only at +0.2: lack pools
 alone scored +0.33 over none (+0.18 at 500, +0.47 at 1000), lack pools with conditioned networks
-+0.02 (-0.22 at 500, +0.25 at 1000), so later segments at large phi draw from lack pools with
-fresh networks (:data:`LARGE_PHI_LATER`); conditioned networks stay a switch
-(``dasm.match_init: conditioned``), off by default at every phi. Variants still to run (networks
-alone, a mixed factor, an uneven split, idc at factor 2) may change this row; one seed.
++0.02 (-0.22 at 500, +0.25 at 1000), conditioned networks alone -0.12 (88.43 and 89.37), so
+later segments at large phi draw from lack pools with fresh networks (:data:`LARGE_PHI_LATER`);
+conditioned networks stay a switch (``dasm.match_init: conditioned``), off by default at every
+phi. Variants still to run (a mixed factor, an uneven split, idc at factor 2) may change this
+row; one seed.
 PHI_LARGE = 0.05 lies between the measured regimes (0.02 and 0.1); the crossover (IPC 150-300 on
 Fashion-MNIST) is not measured, so its exact place is open.
 
