@@ -26,8 +26,9 @@ def test_colour_ops_formulas():
     torch.testing.assert_close(dsa.saturation(x, s), (x - mc) * 0.5 + mc)
     assert dsa.saturation(x, s)[0, 0, 0, 0].item() == pytest.approx((1 - 2) * 0.5 + 2)
     c = torch.tensor([1.5])
-    m = x.mean()  # 3
-    assert dsa.contrast(x, c)[0, 1, 0, 1].item() == pytest.approx((6 - 3) * 1.5 + 3)
+    m = x.mean().item()  # the image mean, 3
+    assert m == 3.0
+    assert dsa.contrast(x, c)[0, 1, 0, 1].item() == pytest.approx((6 - m) * 1.5 + m)
 
 
 def test_crop_shifts_with_zero_fill():

@@ -19,7 +19,6 @@ def make_matcher(ds, *overrides, engine="batched"):
 
 
 def start_images(ds, n, factor=2, seed=0):
-    C = ds.num_classes
     g = torch.Generator().manual_seed(seed)
     real = torch.stack([ds.train_images[idx[torch.randperm(len(idx), generator=g)[:n * factor ** 2]]]
                         for idx in ds.class_index()]).float() / 255
