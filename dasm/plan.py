@@ -33,8 +33,9 @@ alone scored +0.33 over none (+0.18 at 500, +0.47 at 1000), lack pools with cond
 +0.02 (-0.22 at 500, +0.25 at 1000), conditioned networks alone -0.12 (88.43 and 89.37), so
 later segments at large phi draw from lack pools with fresh networks (:data:`LARGE_PHI_LATER`);
 conditioned networks stay a switch (``dasm.match_init: conditioned``), off by default at every
-phi. Variants still to run (a mixed factor, an uneven split, idc at factor 2) may change this
-row; one seed.
+phi. At IPC 500 a first half at factor 2 (87.53) and an uneven split (88.30), both with both
+pieces, fell under the plain lack pool; their IPC 1000 twins and idc at factor 2 are still to
+run and may change this row; one seed.
 PHI_LARGE = 0.05 lies between the measured regimes (0.02 and 0.1); the crossover (IPC 150-300 on
 Fashion-MNIST) is not measured, so its exact place is open.
 
