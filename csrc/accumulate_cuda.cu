@@ -42,6 +42,7 @@ __global__ void accumulate_kernel(float* __restrict__ buffer, int64_t P,
 void accumulate_class_grads_cuda(torch::Tensor buffer, const std::vector<torch::Tensor>& grads,
                                  const std::vector<int64_t>& offsets, torch::Tensor classes,
                                  double scale) {
+  // classes: contiguous int64 host rows, range-checked by the caller (check_accumulate)
   c10::cuda::CUDAGuard guard(buffer.device());
   const int64_t B = classes.size(0);
   if (B == 0 || grads.empty()) return;
@@ -60,7 +61,7 @@ void accumulate_class_grads_cuda(torch::Tensor buffer, const std::vector<torch::
                             torch::dtype(torch::kUInt8).pinned_memory(true));
   std::memcpy(table.data_ptr(), items.data(), item_bytes);
   std::memcpy(static_cast<uint8_t*>(table.data_ptr()) + item_bytes,
-              classes.contiguous().data_ptr<int64_t>(), class_bytes);
+              classes.data_ptr<int64_t>(), class_bytes);
   auto dev_table = table.to(buffer.device(), /*non_blocking=*/true);
   const auto* dev = static_cast<const uint8_t*>(dev_table.data_ptr());
   auto stream = c10::cuda::getCurrentCUDAStream();

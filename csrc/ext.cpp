@@ -25,8 +25,11 @@ void accumulate_class_grads_cuda(torch::Tensor buffer, const std::vector<torch::
 namespace {
 
 // ------------------------------------------------------------------ accumulate_class_grads
-void check_accumulate(const torch::Tensor& buffer, const std::vector<torch::Tensor>& grads,
-                      const std::vector<int64_t>& offsets, const torch::Tensor& classes) {
+// Checks every argument on the host; returns the class rows as a contiguous CPU tensor, the
+// one both device paths read.
+torch::Tensor check_accumulate(const torch::Tensor& buffer,
+                               const std::vector<torch::Tensor>& grads,
+                               const std::vector<int64_t>& offsets, const torch::Tensor& classes) {
   TORCH_CHECK(buffer.dim() == 2, "accumulate_class_grads: buffer must be 2-D [C, P], got ",
               buffer.dim(), "-D");
   TORCH_CHECK(buffer.scalar_type() == torch::kFloat32,
@@ -59,21 +62,21 @@ void check_accumulate(const torch::Tensor& buffer, const std::vector<torch::Tens
     TORCH_CHECK(offsets[i] >= 0 && offsets[i] + n <= P, "accumulate_class_grads: gradient ", i,
                 " (", n, " values at offset ", offsets[i], ") does not fit a row of ", P);
   }
+  return cls;
 }
 
 void accumulate_class_grads(torch::Tensor buffer, std::vector<torch::Tensor> grads,
                             std::vector<int64_t> offsets, torch::Tensor classes, double scale) {
-  check_accumulate(buffer, grads, offsets, classes);
+  const auto classes_c = check_accumulate(buffer, grads, offsets, classes);
 #ifdef DASM_WITH_CUDA
   if (buffer.is_cuda()) {
-    accumulate_class_grads_cuda(buffer, grads, offsets, classes, scale);
+    accumulate_class_grads_cuda(buffer, grads, offsets, classes_c, scale);
     return;
   }
 #endif
   TORCH_CHECK(buffer.is_cpu(), "accumulate_class_grads: this build supports CPU tensors only, got ",
               buffer.device());
-  const int64_t P = buffer.size(1), B = classes.size(0);
-  const auto classes_c = classes.contiguous();
+  const int64_t P = buffer.size(1), B = classes_c.size(0);
   const int64_t* cls = classes_c.data_ptr<int64_t>();
   std::vector<torch::Tensor> flat;
   flat.reserve(grads.size());

@@ -39,7 +39,8 @@ def test_accumulate_non_contiguous_inputs():
     buffer, grads, offsets, classes = random_case(11)
     grads = [torch.randn(*g.shape[:1], *reversed(g.shape[1:])).transpose(1, -1) if g.dim() > 2 else g
              for g in grads]
-    assert any(not g.is_contiguous() for g in grads)
+    classes = torch.stack([classes, torch.zeros_like(classes)], 1)[:, 0]  # a stride-2 view
+    assert any(not g.is_contiguous() for g in grads) and not classes.is_contiguous()
     want = ops.reference("accumulate_class_grads")(buffer.clone(), grads, offsets, classes, 1.0)
     got = buffer.clone()
     ext.accumulate_class_grads(got, grads, offsets, classes, 1.0)
@@ -77,6 +78,7 @@ def test_accumulate_cuda_matches_reference():
     buffer, grads, offsets, classes = random_case(5, C=7, B=9, device="cuda")
     classes = classes.cpu()  # class indices stay on the host, where their range is checked
     classes[2] = classes[0]
+    classes = torch.stack([classes, torch.zeros_like(classes)], 1)[:, 0]  # not contiguous
     want = ops.reference("accumulate_class_grads")(buffer.clone(), grads, offsets,
                                                    classes.cuda(), 0.5)
     got = buffer.clone()
