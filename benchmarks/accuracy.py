@@ -175,7 +175,9 @@ def main():
     recorded = json.loads(results_path.read_text()).get("runs", []) \
         if results_path.exists() else []
     if a.report:
-        return report(results_path, name, split, ipcs, methods)
+        if not results_path.exists():
+            sys.exit(f"--report: {results_path} does not exist yet (run the sweep first)")
+        return report(results_path, name)
 
     full = None
     if any(m in ("easy", "hard") for m in methods) or not a.no_full_data:
@@ -221,7 +223,7 @@ def main():
                 print(f"  ipc {ipc:4d} seed {seed} {method:15s} {rec['mean'] * 100:6.2f} +- "
                       f"{rec['std'] * 100:.2f}  (distill {rec['distill_seconds']:.0f} s, eval "
                       f"{rec['eval_seconds']:.0f} s)", flush=True)
-    report(results_path, name, split, ipcs, methods)
+    report(results_path, name)
     print(f"sweep wall time {(time.perf_counter() - t_start) / 60:.1f} min -> {results_path}")
 
 
@@ -254,16 +256,48 @@ def merge(path: Path, header: dict, record: dict) -> None:
         io.write_json(path, {**header, "runs": runs})
 
 
-def report(path: Path, name: str, split: str, ipcs, methods):
-    """The markdown table and the plot of every run in the results file."""
-    records = json.loads(path.read_text())["runs"]
+def contents(path: Path) -> tuple[list[dict], list[int], list[str], str]:
+    """A results file's records, IPCs, methods (every worker's, in :data:`METHODS` order) and
+    split."""
+    data = json.loads(path.read_text())
+    records = data["runs"]
     present = {r["method"] for r in records}
-    methods = [m for m in METHODS if m in present]  # the whole file: every worker's records
-    ipcs = sorted({r["ipc"] for r in records if r["ipc"] is not None}) or ipcs  # the whole file
+    methods = [m for m in METHODS if m in present]
+    ipcs = sorted({r["ipc"] for r in records if r["ipc"] is not None})
+    return records, ipcs, methods, data.get("split", "test")
+
+
+def report(path: Path, name: str):
+    """The markdown table and the plot of every run in the results file (and the README's copy
+    of the table, where it has one)."""
+    records, ipcs, methods, split = contents(path)
     md = markdown(records, ipcs, methods, split)
     io.write_text(RESULTS / f"accuracy-{name}.md", md)
+    if sync_readme(name, md):
+        print(f"README.md: the accuracy-{name} block rewritten")
     plot(records, ipcs, methods, RESULTS / f"accuracy-{name}.png", f"{name} ({split} split)")
     print(md)
+
+
+def readme_block(name: str) -> tuple[str, str]:
+    """The markers around the README's copy of ``results/accuracy-<name>.md``."""
+    return f"<!-- results/accuracy-{name}.md: written by benchmarks/accuracy.py --report -->", \
+        f"<!-- end of results/accuracy-{name}.md -->"
+
+
+def sync_readme(name: str, md: str, path: Path = ROOT / "README.md") -> bool:
+    """Put ``md`` between the README's markers of ``name`` (see :func:`readme_block`), so that
+    the figures a user reads are the results file's; False when the README has no such block."""
+    begin, end = readme_block(name)
+    text = path.read_text()
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{md}{end}{tail}"
+    if new != text:
+        io.write_text(path, new)
+    return True
 
 
 def full_data(base, ds, runs_root: Path, epochs: int, recorded: list[dict] = (),
@@ -369,6 +403,13 @@ def markdown(records, ipcs, methods, split) -> str:
     text += (f"\n\n{split} accuracy (%), last epoch, mean ± std over (seeds × evaluation repeats); "
              f"'A − best baseline': per distillation seed, A minus the best of "
              f"{', '.join(BASELINES)} for that seed, mean ± std over seeds.")
+    for ipc in ipcs:  # a comparison is only as good as the baselines in it: name the absent
+        have = {(r["method"], r["seed"]) for r in records if r["ipc"] == ipc}
+        seeds = sorted({s for m, s in have if m in lead})
+        absent = [f"{b} (seed {', '.join(str(s) for s in seeds if (b, s) not in have)})"
+                  for b in BASELINES if any((b, s) not in have for s in seeds)]
+        if absent:
+            text += f" At IPC {ipc} the best baseline leaves out {', '.join(absent)}: not run."
     full, others = full_data_line(records)
     if full:
         text += f"\nFull training set, same network and protocol ({full['epochs']} epochs): " \

@@ -74,3 +74,24 @@ def test_the_clone_carries_its_own_docs():
         if p.name != "test_docs.py" and re.search(r"\b(DESIGN|PROTOCOL)\.md", p.read_text()):
             cited.append(p.name)
     assert not cited, f"files cite documents a clone lacks: {cited}"
+
+
+def test_readme_accuracy_tables_are_the_results_files():
+    """Every accuracy table the README shows between its markers is the one the results file
+    gives now (``accuracy.py --report`` writes both), and so is the .md beside the file: a
+    figure edited by hand, or a record added without the report, fails here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks/accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    blocks = 0
+    for path in sorted((ROOT / "results").glob("accuracy-*.json")):
+        name = path.stem.removeprefix("accuracy-")
+        md = accuracy.markdown(*accuracy.contents(path))
+        assert (ROOT / "results" / f"accuracy-{name}.md").read_text() == md, name
+        begin, end = accuracy.readme_block(name)
+        if begin in README:
+            blocks += 1
+            assert README.split(begin, 1)[1].split(end, 1)[0] == f"\n{md}", name
+    assert blocks >= 1, "the README shows no accuracy table from results/"
