@@ -7,10 +7,13 @@
 #
 # Every accuracy.py call reuses the records already in results/*.json (same config identity,
 # evaluation epochs and repeats), so a sweep that was killed, or moved to a machine without
-# runs/, resumes by running this script again: only what is missing runs. Worker a finishes the
-# held-out ablation first (it decides the large-IPC plan, dasm/plan.py), then runs dasm on the
-# test split at IPC 500 and 1000; worker b runs the test curve's small IPCs and baselines, then
-# the full-data line. Commit results/ as records land.
+# runs/, resumes by running this script again: only what is missing runs. The held-out ablation
+# that chose the large-IPC plan (dasm/plan.py) is done but for idc at factor 2 and two variants
+# at IPC 1000. The workers split the test curve by distillation seed, the headline first (IPC
+# 1000 and 500: random, idc-f1, dasm), then equal compute, IPC 100-200, and idc at factor 2 at
+# IPC 500 and 1000 (40,000 decoded images to train on at 1000: about 2 h per seed here); worker
+# a ends with the held-out remainder, worker b with the 50-epoch full-data line. Commit results/
+# (after `accuracy.py --report`, which also rewrites the README's tables) as records land.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,20 +23,23 @@ mkdir -p runs
 acc() { "$PY" benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --set runtime.threads=1 "$@"; }
 held() { acc --holdout --tag highipc --seeds 0 --repeats 2 --no-full-data "$@"; }
 
+curve() {  # the test curve of one distillation seed (IPC 10, one seed only, is done)
+  acc --no-full-data --seeds "$1" --ipc 1000 --methods random idc-f1 dasm
+  acc --no-full-data --seeds "$1" --ipc 500 --methods random idc-f1 dasm
+  acc --no-full-data --seeds "$1" --ipc 1000 500 --methods idc-compute
+  acc --no-full-data --seeds "$1" --ipc 100 200
+  acc --no-full-data --seeds "$1" --ipc 500 1000 --methods idc
+}
+
 worker_a() {
-  held --ipc 1000 --methods dasm-lack dasm-cond
-  held --ipc 500 --methods dasm-cond
-  held --ipc 500 --methods dasm-split dasm-mixed
+  curve 0
+  held --ipc 500 1000 --methods idc
   held --ipc 1000 --methods dasm-split dasm-mixed
-  acc --no-full-data --ipc 1000 500 --methods dasm
-  held --ipc 500 --methods idc
-  held --ipc 1000 --methods idc
 }
 
 worker_b() {
-  acc --no-full-data --ipc 10 50 100 200
-  acc --no-full-data --ipc 500 1000 --methods random idc-f1 idc-compute idc
-  acc --ipc 10 --methods random  # the 50-epoch full-data line (the rest is reused)
+  curve 1
+  acc --ipc 10 --methods random  # the 50-epoch full-data line (the IPC 10 record is reused)
 }
 
 case "${1:-both}" in
