@@ -420,6 +420,9 @@ def markdown(records, ipcs, methods, split) -> str:
     return text + "\n"
 
 
+GAP = (float("nan"), float("nan"))  # a point not measured: the plot's line breaks there
+
+
 def plot(records, ipcs, methods, path, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -429,12 +432,10 @@ def plot(records, ipcs, methods, path, title):
     fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120,
                                  gridspec_kw={"width_ratios": [3, 2]})
     for method in main:
-        pts = []
-        for ipc in ipcs:
-            ms = _mean_std([x * 100 for x in pooled(records, method, ipc)[0]])
-            if ms:
-                pts.append((ipc, *ms))
-        if pts:
+        # a gap (nan) where a method has no run, so no line suggests a point not measured
+        pts = [(ipc, *(_mean_std([x * 100 for x in pooled(records, method, ipc)[0]]) or GAP))
+               for ipc in ipcs]
+        if any(p[1] == p[1] for p in pts):
             x, y, e = zip(*pts)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method,
                         lw=2.4 if method == "dasm" else 1.2)
@@ -444,9 +445,8 @@ def plot(records, ipcs, methods, path, title):
                    label=f"full data, {full['epochs']} epochs ({full['mean'] * 100:.1f}%)")
     for a in [m for m in main if m.startswith("dasm")]:
         for other, style in (("best", "o-"), ("idc-compute", "s--")):
-            pts = [(ipc, *_mean_std(paired(records, ipc, a, other))) for ipc in ipcs
-                   if paired(records, ipc, a, other)]
-            if pts:
+            pts = [(ipc, *(_mean_std(paired(records, ipc, a, other)) or GAP)) for ipc in ipcs]
+            if any(p[1] == p[1] for p in pts):
                 x, y, e = zip(*pts)
                 what = "best baseline" if other == "best" else "idc, equal compute"
                 dx.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=f"{a} − {what}")
