@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -406,8 +407,8 @@ def markdown(records, ipcs, methods, split) -> str:
     for ipc in ipcs:  # a comparison is only as good as the baselines in it: name the absent
         have = {(r["method"], r["seed"]) for r in records if r["ipc"] == ipc}
         seeds = sorted({s for m, s in have if m in lead})
-        absent = [f"{b} (seed {', '.join(str(s) for s in seeds if (b, s) not in have)})"
-                  for b in BASELINES if any((b, s) not in have for s in seeds)]
+        missing = {b: [str(s) for s in seeds if (b, s) not in have] for b in BASELINES}
+        absent = [f"{b} (seed {', '.join(ss)})" for b, ss in missing.items() if ss]
         if absent:
             text += f" At IPC {ipc} the best baseline leaves out {', '.join(absent)}: not run."
     full, others = full_data_line(records)
@@ -435,7 +436,7 @@ def plot(records, ipcs, methods, path, title):
         # a gap (nan) where a method has no run, so no line suggests a point not measured
         pts = [(ipc, *(_mean_std([x * 100 for x in pooled(records, method, ipc)[0]]) or GAP))
                for ipc in ipcs]
-        if any(p[1] == p[1] for p in pts):
+        if not all(math.isnan(p[1]) for p in pts):
             x, y, e = zip(*pts)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method,
                         lw=2.4 if method == "dasm" else 1.2)
@@ -446,7 +447,7 @@ def plot(records, ipcs, methods, path, title):
     for a in [m for m in main if m.startswith("dasm")]:
         for other, style in (("best", "o-"), ("idc-compute", "s--")):
             pts = [(ipc, *(_mean_std(paired(records, ipc, a, other)) or GAP)) for ipc in ipcs]
-            if any(p[1] == p[1] for p in pts):
+            if not all(math.isnan(p[1]) for p in pts):
                 x, y, e = zip(*pts)
                 what = "best baseline" if other == "best" else "idc, equal compute"
                 dx.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=f"{a} − {what}")
