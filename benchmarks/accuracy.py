@@ -72,6 +72,10 @@ METHODS = {
     "dasm-mixed": {"synthetic.factor": [2, 1], "dasm.pool": "lack",
                    "dasm.match_init": "conditioned"},  # all on, first half at factor 2
     "dasm-split": {**F1, "dasm.pool": "lack", "dasm.match_init": "conditioned"},  # 3/4 + 1/4
+    # after the test split showed lack pools running dry at IPC 1000 (results/ablation-highipc-
+    # fill.json): lack pools whose short classes are filled by smallest margin, not at random
+    "dasm-fill": {**F1, "dasm.pool": "lack", "dasm.match_init": "fresh",
+                  "dasm.lack_fill": "margin"},
     # last round's ablation (IPC <= 100), kept so its records still report
     "dasm-design": V2,
     "dasm-fresh": {**V2, "dasm.match_init": "fresh"},

@@ -102,6 +102,9 @@ class DasmConfig:
     lack_margin: float = 1.0  # lack pools: true logit minus best other below this = lacking
     tail_drop: float = 0.05  # lack pools: hardest fraction of each class by loss left out
     coverage: float = 0.3  # lack pools: share of the pool drawn at random from the rest
+    # lack pools, a class with too few lacking images: random = topped up at random; margin =
+    # the rest's smallest margins count as lacking until they are (1 - coverage) of the init
+    lack_fill: str = _choice("random", "random", "margin")
     scorer_epochs: int = 300
     # matching networks of k >= 2 (auto: dasm.plan's rule): fresh (IDC); conditioned = a fresh
     # network trained condition_epochs on decoded S_<k, a new one every condition_every outer
@@ -193,7 +196,8 @@ IDENTITY_EXCLUDES = ("runtime", "dist")
 # before they existed. At that value a key is left out of the identity, so a record made before
 # it existed keeps its identity (and a sweep reuses it); any other value enters the hash.
 IDENTITY_SINCE = {"dasm.pool": "rank", "dasm.lack_margin": 1.0, "dasm.tail_drop": 0.05,
-                  "dasm.coverage": 0.3, "dasm.condition_every": 2, "dasm.condition_epochs": 5}
+                  "dasm.coverage": 0.3, "dasm.condition_every": 2, "dasm.condition_epochs": 5,
+                  "dasm.lack_fill": "random"}
 BENCHMARK_SECTION = "benchmark"  # in profile files: the benchmark's settings, ignored by runs
 
 

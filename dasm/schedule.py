@@ -11,7 +11,8 @@
                 f_k = the matching architecture trained on decoded S_<k (dasm.scorer_epochs)
                 pool = lack: per class the real images f_k misclassifies or holds with margin
                              < lack_margin, minus the hardest tail_drop by loss, plus a seeded
-                             coverage share of the rest (topped up to what the init needs)
+                             coverage share of the rest (topped up to what the init needs:
+                             at random, or lack_fill margin: by smallest margin first)
                        rank: the difficulty ranks [easy_drop_k, 1 - hard_drop) (full: 0, 0)
                 networks = conditioned: every condition_every outer iterations a fresh network
                              trained condition_epochs on decoded S_<k starts the iteration
@@ -121,7 +122,7 @@ def _pools_and_starts(cfg: Config, ds: Dataset, seg: Segment, earlier: torch.Ten
             scores = score_dataset(scorer, ds)
             if seg.pool == "lack":
                 pools, stats = lack_pools(scores, class_index, d.lack_margin, d.tail_drop,
-                                          d.coverage, need, ~used, gen)
+                                          d.coverage, need, ~used, gen, d.lack_fill)
             else:
                 pools = band_pools(difficulty(scores, d.score), class_index, seg.easy_drop,
                                    seg.hard_drop, ds.classes)

@@ -90,7 +90,7 @@ def band_pools(hardness: torch.Tensor, class_index: list[torch.Tensor], easy_dro
 
 def lack_pools(scores: dict[str, torch.Tensor], class_index: list[torch.Tensor],
                lack_margin: float, tail_drop: float, coverage: float, need: int,
-               free: torch.Tensor, generator: torch.Generator):
+               free: torch.Tensor, generator: torch.Generator, fill: str = "random"):
     """Per class, the real images a network trained on S_<k lacks (DASM's pool of segment k).
 
     scores: ``{"loss", "margin"} -> [N]`` under that network; free: ``[N]`` bool, images no
@@ -101,25 +101,41 @@ def lack_pools(scores: dict[str, torch.Tensor], class_index: list[torch.Tensor],
     ``ceil(coverage / (1 - coverage) * |lacking|)`` (so ``coverage`` is the rest's share of the
     pool), topped up from the rest, in the same seeded order, until it holds ``need`` free images.
 
+    ``fill`` says what a class with too few lacking images gets (a class the network already
+    holds firmly, common at large IPC): ``random``: the random top-up above; ``margin``: first
+    the free images of the rest with the smallest margins join ``lacking`` until it holds
+    ``ceil((1 - coverage) * need)`` free images, so that every pool keeps its share of the
+    images the network holds least firmly.
+
     Returns ``(pools, stats)``: ascending index tensors, and per-class counts
-    ``{"lacking", "coverage", "topped_up"}``.
+    ``{"lacking", "filled", "coverage", "topped_up"}`` (``lacking``: by the margin threshold;
+    ``filled``: added to them in margin order).
     """
-    pools, stats = [], {"lacking": [], "coverage": [], "topped_up": []}
+    if fill not in ("random", "margin"):
+        raise ConfigError(f"config key 'dasm.lack_fill' must be random or margin, got {fill!r}")
+    pools, stats = [], {"lacking": [], "filled": [], "coverage": [], "topped_up": []}
     for idx in class_index:
         n = len(idx)
+        margin, is_free = scores["margin"][idx], free[idx]
         order = torch.argsort(scores["loss"][idx], descending=True, stable=True)
         keep = torch.ones(n, dtype=torch.bool)
         keep[order[:int(tail_drop * n)]] = False
-        lacking = keep & (scores["margin"][idx] < lack_margin)
+        lacking = keep & (margin < lack_margin)
+        threshold_count = int(lacking.sum())
+        if fill == "margin":
+            short = math.ceil((1 - coverage) * need) - int((lacking & is_free).sum())
+            firm = (keep & ~lacking & is_free).nonzero().squeeze(1)
+            lacking[firm[torch.argsort(margin[firm], stable=True)][:max(short, 0)]] = True
         rest = (keep & ~lacking).nonzero().squeeze(1)
         rest = rest[torch.randperm(len(rest), generator=generator)]
         share = min(len(rest), math.ceil(coverage / (1 - coverage) * int(lacking.sum())))
         chosen = lacking.clone()
         chosen[rest[:share]] = True
-        short = need - int((chosen & free[idx]).sum())
-        extra = rest[share:][free[idx][rest[share:]]][:max(short, 0)]
+        short = need - int((chosen & is_free).sum())
+        extra = rest[share:][is_free[rest[share:]]][:max(short, 0)]
         chosen[extra] = True
         pools.append(idx[chosen])
-        for key, v in zip(stats, (int(lacking.sum()), share, len(extra))):
+        counts = (threshold_count, int(lacking.sum()) - threshold_count, share, len(extra))
+        for key, v in zip(stats, counts):
             stats[key].append(v)
     return pools, stats

@@ -183,6 +183,31 @@ def test_lack_pool_on_a_constructed_case():
     assert 0 not in pools[0].tolist()  # never from the tail
 
 
+def test_lack_fill_by_margin_on_a_constructed_case():
+    """Class 0 (10 images) has one lacking image (margin < 1) and the init needs 4. fill
+    margin: the free images of the rest with the smallest margins join the lacking ones until
+    they are ceil((1 - coverage) * need) = 3 (image 5, margin 1.5, is taken by an earlier init
+    and skipped; image 0 is the loss tail); random: the same class gets random images."""
+    loss = torch.tensor([9.0, 1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    margin = torch.tensor([-5.0, 0.5, 6, 1.5, 5, 1.5, 2, 7, 8, 9])
+    index, free = [torch.arange(10)], torch.ones(10, dtype=torch.bool)
+    free[5] = False
+    scores = {"loss": loss, "margin": margin}
+    pools, stats = lack_pools(scores, index, 1.0, 0.1, 0.25, 4, free,
+                              torch.Generator().manual_seed(0), fill="margin")
+    got = set(pools[0].tolist())
+    assert {1, 3, 6} <= got and 0 not in got  # lacking + the two least firm free ones
+    assert stats["lacking"] == [1] and stats["filled"] == [2] and stats["coverage"] == [1]
+    assert int(free[pools[0]].sum()) >= 4  # enough free images for the init
+    # random fill of the same class: one lacking image, the rest of the pool is a seeded draw
+    draws = [set(lack_pools(scores, index, 1.0, 0.1, 0.25, 4, free,
+                            torch.Generator().manual_seed(s))[0][0].tolist()) for s in range(8)]
+    assert all(1 in d and 0 not in d for d in draws)
+    assert any(not {3, 6} <= d for d in draws)  # not the least firm ones every time
+    with pytest.raises(ConfigError, match="dasm.lack_fill"):
+        lack_pools(scores, index, 1.0, 0.1, 0.25, 4, free, torch.Generator(), fill="hard")
+
+
 class Recorder:
     """Wraps Matcher and training methods to record what segment 2 was given."""
 
