@@ -208,6 +208,24 @@ def test_lack_fill_by_margin_on_a_constructed_case():
         lack_pools(scores, index, 1.0, 0.1, 0.25, 4, free, torch.Generator(), fill="hard")
 
 
+def test_lack_fill_reaches_the_lack_pools(fmnist_small, tmp_path, monkeypatch):
+    """``dasm.lack_fill`` is what segment 2's lack pools are built with (the run stops there)."""
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(args[8] if len(args) > 8 else kw.get("fill"))
+        raise Stop
+
+    monkeypatch.setattr(schedule, "lack_pools", spy)
+    with pytest.raises(Stop):
+        distill(smoke_config(*SEG, "dasm.pool=lack", "dasm.lack_fill=margin"), tmp_path / "r",
+                dataset=fmnist_small)
+    assert seen == ["margin"]
+
+
 class Recorder:
     """Wraps Matcher and training methods to record what segment 2 was given."""
 
