@@ -38,7 +38,8 @@ pieces, fell under the plain lack pool; their IPC 1000 twins and idc at factor 2
 run and may change this row; one seed.
 PHI_LARGE = 0.05 lies between the measured regimes (0.02 and 0.1); the crossover (IPC 150-300 on
 Fashion-MNIST) is not measured, so its exact place is open (on the test split, seed 0, idc-f1
-already edges idc at IPC 100: 83.04 against 82.89).
+already edges idc at IPC 100: 83.04 against 82.89; over 2 seeds idc at factor 2 falls under
+random at IPC 200, 84.50 against 85.25, a report that the held-out split has yet to check).
 The test split reports, it did not choose (``results/accuracy-cpu.md``, 2 seeds): the large-phi
 plan 88.66 at IPC 500 (random 87.91, idc-f1 87.64) and 89.27 at IPC 1000 (random 89.29, idc-f1
 88.92). At IPC 1000 four classes of ten have fewer lacking images than the second half needs
