@@ -325,8 +325,8 @@ def test_segment_two_draws_real_batches_and_init_from_its_lack_pool(dasm_run, fm
     logged = segment_starts(out)[1]
     assert [len(p) for p in pools2] == logged["pool_sizes"]
     assert all(len(p) < 40 for p in pools2)  # the hardest 5 % (2 of 40) never enter
-    assert [len(p) for p in pools2] == [a + b + c for a, b, c in zip(
-        logged["lacking"], logged["coverage"], logged["topped_up"])]
+    assert [len(p) for p in pools2] == [sum(counts) for counts in zip(
+        logged["lacking"], logged["filled"], logged["coverage"], logged["topped_up"])]
     later = [(d, pools) for n_frozen, d, pools in rec.real if n_frozen > 0]
     assert later, "segment 2 drew no batches"
     for real, _ in later:
