@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -354,69 +355,53 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # ------------------------------------------------------------------- validation
-def _positive(cfg_value, key, allow_zero=False):
-    if cfg_value < 0 or (cfg_value == 0 and not allow_zero):
-        raise ConfigError(f"config key '{key}' must be {'>= 0' if allow_zero else '> 0'}, "
-                          f"got {cfg_value}")
+# Range checks that need no dataset, by dotted key. Counts are > 0; where 0 means something
+# (all, auto, off) they are >= 0; fractions (a number or one per segment) lie in [0, 1).
+POSITIVE = ("synthetic.ipc", "match.iterations", "match.inner_steps", "match.batch_real",
+            "match.batch_syn", "match.net_batch", "match.memory_budget_mb", "match.frozen_chunk",
+            "match.log_every", "match.lr_img_scale", "model.depth", "model.width",
+            "dasm.scorer_epochs", "dasm.condition_every", "dasm.condition_epochs",
+            "dasm.warm_starts", "eval.epochs", "eval.batch", "eval.repeats", "eval.test_batch",
+            "dist.timeout_s")
+NON_NEGATIVE = ("match.n_data", "match.class_chunk", "match.frozen_per_class",
+                "data.train_per_class", "data.holdout_per_class", "data.test_limit",
+                "data.image_size", "runtime.threads")
+FRACTIONS = ("dasm.easy_drop", "dasm.hard_drop", "dasm.tail_drop", "dasm.coverage")
 
 
-def _fraction_list(value, key):
-    values = value if isinstance(value, list) else [value]
-    for v in values:
-        if not 0.0 <= v < 1.0:
-            raise ConfigError(f"config key '{key}' must lie in [0, 1), got {v}")
+def _get(cfg: Config, key: str):
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _interval(cfg: Config, key: str, lo: float, hi: float, closed: bool) -> None:
+    v = _get(cfg, key)
+    if not (lo <= v <= hi if closed else lo <= v < hi):
+        raise ConfigError(f"config key '{key}' must lie in [{lo:g}, {hi:g}{']' if closed else ')'}, "
+                          f"got {v}")
 
 
 def validate(cfg: Config) -> None:
     """Range checks that do not need the dataset. Raises ConfigError naming the key."""
     if not 0 <= cfg.seed < 2 ** 63:
         raise ConfigError(f"config key 'seed' must lie in [0, 2^63), got {cfg.seed}")
-    _positive(cfg.synthetic.ipc, "synthetic.ipc")
-    m = cfg.match
-    _positive(m.iterations, "match.iterations")
-    _positive(m.inner_steps, "match.inner_steps")
-    _positive(m.batch_real, "match.batch_real")
-    _positive(m.batch_syn, "match.batch_syn")
-    _positive(m.n_data, "match.n_data", allow_zero=True)
-    _positive(m.net_batch, "match.net_batch")
-    _positive(m.class_chunk, "match.class_chunk", allow_zero=True)
-    _positive(m.memory_budget_mb, "match.memory_budget_mb")
-    _positive(m.frozen_per_class, "match.frozen_per_class", allow_zero=True)
-    _positive(m.frozen_chunk, "match.frozen_chunk")
-    _positive(m.log_every, "match.log_every")
-    if not 0.0 <= m.mom_img < 1.0:
-        raise ConfigError(f"config key 'match.mom_img' must lie in [0, 1), got {m.mom_img}")
-    if not 0.0 <= m.net_cutmix <= 1.0:
-        raise ConfigError(f"config key 'match.net_cutmix' must lie in [0, 1], got {m.net_cutmix}")
-    if isinstance(m.lr_img, str) and m.lr_img != AUTO:
-        raise ConfigError(f"config key 'match.lr_img' must be a number or 'auto', got {m.lr_img!r}")
-    if not isinstance(m.lr_img, str):
-        _positive(m.lr_img, "match.lr_img")
-    _positive(m.lr_img_scale, "match.lr_img_scale")
-    md = cfg.model
-    _positive(md.depth, "model.depth")
-    _positive(md.width, "model.width")
-    d = cfg.dasm
-    _fraction_list(d.easy_drop, "dasm.easy_drop")
-    _fraction_list(d.hard_drop, "dasm.hard_drop")
-    _positive(d.scorer_epochs, "dasm.scorer_epochs")
-    _fraction_list(d.tail_drop, "dasm.tail_drop")
-    _fraction_list(d.coverage, "dasm.coverage")
-    _positive(d.condition_every, "dasm.condition_every")
-    _positive(d.condition_epochs, "dasm.condition_epochs")
-    _positive(d.warm_starts, "dasm.warm_starts")
+    for keys, zero_ok in ((POSITIVE, False), (NON_NEGATIVE, True)):
+        for key in keys:
+            v = _get(cfg, key)
+            if v < 0 or (v == 0 and not zero_ok):
+                raise ConfigError(f"config key '{key}' must be {'>= 0' if zero_ok else '> 0'}, "
+                                  f"got {v}")
+    for key in FRACTIONS:
+        value = _get(cfg, key)
+        for v in value if isinstance(value, list) else [value]:
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"config key '{key}' must lie in [0, 1), got {v}")
+    _interval(cfg, "match.mom_img", 0.0, 1.0, closed=False)
+    _interval(cfg, "match.net_cutmix", 0.0, 1.0, closed=True)
+    _interval(cfg, "eval.cutmix", 0.0, 1.0, closed=True)
+    lr = cfg.match.lr_img
+    if isinstance(lr, str) and lr != AUTO or not isinstance(lr, str) and lr <= 0:
+        raise ConfigError(f"config key 'match.lr_img' must be a number > 0 or 'auto', got {lr!r}")
+    if cfg.data.channels not in (0, 1, 3):
+        raise ConfigError(f"config key 'data.channels' must be 0 (auto), 1 or 3, "
+                          f"got {cfg.data.channels}")
     check_plan_keys(cfg)
-    e = cfg.eval
-    _positive(e.epochs, "eval.epochs")
-    _positive(e.batch, "eval.batch")
-    _positive(e.repeats, "eval.repeats")
-    _positive(e.test_batch, "eval.test_batch")
-    if not 0.0 <= e.cutmix <= 1.0:
-        raise ConfigError(f"config key 'eval.cutmix' must lie in [0, 1], got {e.cutmix}")
-    dc = cfg.data
-    if dc.channels not in (0, 1, 3):
-        raise ConfigError(f"config key 'data.channels' must be 0 (auto), 1 or 3, got {dc.channels}")
-    for key in ("train_per_class", "holdout_per_class", "test_limit", "image_size"):
-        _positive(getattr(dc, key), f"data.{key}", allow_zero=True)
-    _positive(cfg.runtime.threads, "runtime.threads", allow_zero=True)
-    _positive(cfg.dist.timeout_s, "dist.timeout_s")

@@ -1,0 +1,35 @@
+"""The schema's range checks: every key they name exists, and a value out of range is one
+ConfigError that names the key (a check that silently skipped a key would fail here)."""
+import pytest
+
+from dasm.config import FRACTIONS, NON_NEGATIVE, POSITIVE, Config
+from dasm.errors import ConfigError
+
+
+def _out_of_range(key):
+    if key in FRACTIONS:
+        return [1.0, -0.1]
+    return [-1] if key in NON_NEGATIVE else [0, -1]
+
+
+@pytest.mark.parametrize("key", POSITIVE + NON_NEGATIVE + FRACTIONS)
+def test_range_checks_name_the_key(key):
+    Config().replace(**{key: 0 if key in NON_NEGATIVE + FRACTIONS else 1})  # the edge is allowed
+    for bad in _out_of_range(key):
+        with pytest.raises(ConfigError, match=f"config key '{key}'"):
+            Config().replace(**{key: bad})
+
+
+@pytest.mark.parametrize("key,bad", [("match.mom_img", 1.0), ("match.net_cutmix", 1.5),
+                                     ("eval.cutmix", -0.5), ("match.lr_img", 0.0),
+                                     ("match.lr_img", "fast"), ("data.channels", 2),
+                                     ("seed", -1)])
+def test_other_ranges_name_the_key(key, bad):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        Config().replace(**{key: bad})
+
+
+def test_per_segment_fraction_lists_are_checked_item_by_item():
+    Config().replace(**{"dasm.easy_drop": [0.0, 0.5]})
+    with pytest.raises(ConfigError, match="dasm.easy_drop' must lie in \\[0, 1\\), got 1.5"):
+        Config().replace(**{"dasm.easy_drop": [0.0, 1.5]})
