@@ -55,6 +55,7 @@ every segment's value. Lack pools are built by :func:`dasm.scoring.lack_pools`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ AUTO_MIN_IPC = 20  # segments: auto splits IPCs from here on into AUTO_SEGMENTS 
 AUTO_SEGMENTS = 2
 PHI_LARGE = 0.05  # kept fraction from which the large-phi plan runs (table above)
 LARGE_PHI_LATER = {"dasm.pool": "lack", "dasm.match_init": "fresh"}  # later segments there
+LACK_KEYS = ("lack_margin", "tail_drop", "coverage", "lack_fill")  # read by lack pools only
 
 
 def segment_sizes(ipc: int, segments) -> list[int]:
@@ -130,6 +132,12 @@ def check_plan_keys(cfg) -> None:
     if d.pool == "lack" and band_set(d):
         raise ConfigError("config keys 'dasm.easy_drop'/'dasm.hard_drop' set a rank band, but "
                           "'dasm.pool' is lack (its tail is dasm.tail_drop)")
+    if d.pool == "rank":  # the twin: lack-pool keys that a rank pool would silently ignore
+        default = {f.name: f.default for f in dataclasses.fields(d)}
+        moved = [f"dasm.{key}" for key in LACK_KEYS if getattr(d, key) != default[key]]
+        if moved:
+            raise ConfigError(f"config key '{moved[0]}' shapes lack pools, but 'dasm.pool' is rank "
+                              f"(set dasm.pool: lack or auto, or leave {moved[0]} at its default)")
 
 
 def _per_segment(value, key: str, k: int, num_segments: int):

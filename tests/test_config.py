@@ -4,6 +4,7 @@ import pytest
 
 from dasm.config import FRACTIONS, NON_NEGATIVE, POSITIVE, Config
 from dasm.errors import ConfigError
+from dasm.plan import LACK_KEYS
 
 
 def _out_of_range(key):
@@ -33,3 +34,14 @@ def test_per_segment_fraction_lists_are_checked_item_by_item():
     Config().replace(**{"dasm.easy_drop": [0.0, 0.5]})
     with pytest.raises(ConfigError, match="dasm.easy_drop' must lie in \\[0, 1\\), got 1.5"):
         Config().replace(**{"dasm.easy_drop": [0.0, 1.5]})
+
+
+@pytest.mark.parametrize("key,value", [("lack_margin", 0.5), ("tail_drop", 0.1),
+                                       ("coverage", 0.5), ("lack_fill", "margin")])
+def test_lack_keys_under_a_rank_pool_are_refused(key, value):
+    assert key in LACK_KEYS
+    for pool in ("lack", "auto"):  # read there (auto: at large phi)
+        Config().replace(**{"dasm.pool": pool, f"dasm.{key}": value})
+    with pytest.raises(ConfigError, match=f"config key 'dasm.{key}' shapes lack pools"):
+        Config().replace(**{"dasm.pool": "rank", f"dasm.{key}": value})
+    Config().replace(**{"dasm.pool": "rank"})  # at their defaults they are fine
