@@ -29,9 +29,12 @@ the best baseline). With ``--holdout`` the test split is replaced by
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -197,39 +200,62 @@ def main():
                 cfg = run_config(base, method, ipc, seed)
                 resolved = resolve_for(cfg.replace(**({"synthetic.factor": 1, "dasm.segments": 1}
                                                       if METHODS[method] is None else {})), ds)
-                old = reusable(recorded, method, ipc, seed, resolved, repeats_at(ipc))
-                if old is not None:  # measured before (maybe on another machine): keep it
-                    merge(results_path, header, old)
-                    print(f"  ipc {ipc:4d} seed {seed} {method:15s} {old['mean'] * 100:6.2f} "
-                          f"(recorded)", flush=True)
-                    continue
                 # distilled runs are named by what defines them, so equal configs share a run
                 kind = "distill" if METHODS[method] is not None else method
                 run = RunDir(runs_root / f"{kind}-ipc{ipc}-seed{seed}-{resolved.identity()}")
-                if not run.synthetic.exists():
-                    resume = run.config.exists()
-                    if METHODS[method] is None:
-                        if resume:  # a baseline killed before its set was written: redo it
-                            import shutil
-                            shutil.rmtree(run.path)
-                        baselines.run_baseline(method, cfg, run.path, dataset=ds,
-                                               reference_model=full)
-                    else:
-                        distill(cfg, run.path, resume=resume, dataset=ds)
-                s = evaluation(run, ds, repeats_at(ipc))
-                rec = {"method": method, "ipc": ipc, "seed": seed, "budget": budget_of(method),
-                       "accuracies": s["accuracies"], "mean": s["mean"], "std": s["std"],
-                       "distill_seconds": distill_seconds(run), "eval_seconds": s["seconds"],
-                       "segments": s["segments"], "train_images": s["train_images"],
-                       "epochs": s["epochs"], "config_identity": resolved.identity(),
-                       "argv": sys.argv[1:],  # the worker's own command (the header: the last)
-                       "run_dir": str(run.path.relative_to(ROOT))}
-                merge(results_path, header, rec)
-                print(f"  ipc {ipc:4d} seed {seed} {method:15s} {rec['mean'] * 100:6.2f} +- "
-                      f"{rec['std'] * 100:.2f}  (distill {rec['distill_seconds']:.0f} s, eval "
-                      f"{rec['eval_seconds']:.0f} s)", flush=True)
+                with claimed(run.path.with_name(run.path.name + ".lock")):
+                    merge(results_path, header, measure(run, cfg, resolved, method, ipc, seed,
+                                                        ds, full, results_path, repeats_at(ipc)))
     report(results_path, name)
     print(f"sweep wall time {(time.perf_counter() - t_start) / 60:.1f} min -> {results_path}")
+
+
+@contextlib.contextmanager
+def claimed(lock_path: Path):
+    """Hold one run for this worker while it makes it (an exclusive ``flock``, released when the
+    worker ends, even killed). A second worker on the same run (sweeps side by side, or two
+    methods with equal configs) waits here, then finds the first one's record."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"  {lock_path.stem}: another worker is making it; waiting", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, full,
+            results_path: Path, repeats: int) -> dict:
+    """The record of ``method`` at ``ipc`` and ``seed``: the one in the results file when it
+    holds this config identity and protocol (read now: another worker may have written it
+    since this one started), else the run made (or resumed) and evaluated."""
+    recorded = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
+    old = reusable(recorded, method, ipc, seed, resolved, repeats)
+    if old is not None:  # measured before (maybe on another machine): keep it
+        print(f"  ipc {ipc:4d} seed {seed} {method:15s} {old['mean'] * 100:6.2f} (recorded)",
+              flush=True)
+        return old
+    if not run.synthetic.exists():
+        resume = run.config.exists()
+        if METHODS[method] is None:
+            if resume:  # a baseline killed before its set was written: redo it
+                shutil.rmtree(run.path)
+            baselines.run_baseline(method, cfg, run.path, dataset=ds, reference_model=full)
+        else:
+            distill(cfg, run.path, resume=resume, dataset=ds)
+    s = evaluation(run, ds, repeats)
+    rec = {"method": method, "ipc": ipc, "seed": seed, "budget": budget_of(method),
+           "accuracies": s["accuracies"], "mean": s["mean"], "std": s["std"],
+           "distill_seconds": distill_seconds(run), "eval_seconds": s["seconds"],
+           "segments": s["segments"], "train_images": s["train_images"],
+           "epochs": s["epochs"], "config_identity": resolved.identity(),
+           "argv": sys.argv[1:],  # the worker's own command (the header: the last)
+           "run_dir": str(run.path.relative_to(ROOT))}
+    print(f"  ipc {ipc:4d} seed {seed} {method:15s} {rec['mean'] * 100:6.2f} +- "
+          f"{rec['std'] * 100:.2f}  (distill {rec['distill_seconds']:.0f} s, eval "
+          f"{rec['eval_seconds']:.0f} s)", flush=True)
+    return rec
 
 
 def reusable(records: list[dict], method: str, ipc: int, seed: int, cfg, repeats: int):
@@ -248,8 +274,6 @@ def reusable(records: list[dict], method: str, ipc: int, seed: int, cfg, repeats
 def merge(path: Path, header: dict, record: dict) -> None:
     """Put ``record`` into the results file, replacing the one of the same method, IPC, seed
     and budget; under a lock, so that sweeps run side by side do not lose each other's runs."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

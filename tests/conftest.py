@@ -88,3 +88,13 @@ def smoke_config(*overrides):
 @pytest.fixture
 def smoke_cfg():
     return smoke_config
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

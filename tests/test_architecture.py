@@ -2,6 +2,7 @@
 import of a ``dasm`` module goes to a strictly lower floor, so there is no circle), and modules
 stay small."""
 import ast
+import re
 import pathlib
 
 import pytest
@@ -58,3 +59,17 @@ def test_imports_go_down(module):
 def test_modules_stay_small():
     big = {p.name: n for p in PKG.glob("*.py") if (n := len(p.read_text().splitlines())) > 420}
     assert not big, big
+
+
+def test_readme_table_agrees_with_the_floors():
+    """The README's architecture table names every module once, and never puts a module on a
+    lower floor than one it may import (it may merge adjacent floors of this file)."""
+    readme = (PKG.parent / "README.md").read_text()
+    table = {m: int(floor) for floor, mods in
+             re.findall(r"^\| (\d+) \| (`[^|]+`) \|", readme, flags=re.M)
+             for m in re.findall(r"`(\w+)`", mods)}
+    assert set(table) == set(MODULES) - {"__main__"}, set(table) ^ (set(MODULES) - {"__main__"})
+    wrong = [(a, b) for a in table for b in table
+             if FLOOR[a] < FLOOR[b] and table[a] > table[b]
+             or FLOOR[a] == FLOOR[b] and table[a] != table[b]]
+    assert not wrong, f"README floors disagree with tests/test_architecture.py's: {wrong[:3]}"

@@ -4,6 +4,7 @@ import pathlib
 import re
 
 from dasm.config import Config
+from conftest import load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -80,11 +81,7 @@ def test_readme_accuracy_tables_are_the_results_files():
     """Every accuracy table the README shows between its markers is the one the results file
     gives now (``accuracy.py --report`` writes both), and so is the .md beside the file: a
     figure edited by hand, or a record added without the report, fails here."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks/accuracy.py")
-    accuracy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(accuracy)
+    accuracy = load_benchmark("accuracy")
     blocks = 0
     for path in sorted((ROOT / "results").glob("accuracy-*.json")):
         name = path.stem.removeprefix("accuracy-")
