@@ -7,13 +7,15 @@
 #
 # Every accuracy.py call reuses the records already in results/*.json (same config identity,
 # evaluation epochs and repeats), so a sweep that was killed, or moved to a machine without
-# runs/, resumes by running this script again: only what is missing runs. The held-out ablation
-# that chose the large-IPC plan (dasm/plan.py) is done but for idc at factor 2 and two variants
-# at IPC 1000. The workers split the test curve by distillation seed, the headline first (IPC
-# 1000 and 500: random, idc-f1, dasm), then equal compute, IPC 100-200, and idc at factor 2 at
-# IPC 500 and 1000 (40,000 decoded images to train on at 1000: about 2 h per seed here); worker
-# a ends with the held-out remainder, worker b with the 50-epoch full-data line. Commit results/
-# (after `accuracy.py --report`, which also rewrites the README's tables) as records land.
+# runs/, resumes by running this script again: only what is missing runs; a run that both
+# workers reach is made once (the second waits for it). The workers split the test curve by
+# distillation seed, the headline first (IPC 1000 and 500: random, idc-f1, dasm), then equal
+# compute, IPC 100-200, and idc at factor 2 at IPC 500 and 1000 (40,000 decoded images to train
+# on at 1000: about 2 h per seed here). Then the held-out trials whose rules were written first:
+# results/ablation-phi-200.json (where PHI_LARGE belongs: IPC 200) and
+# results/ablation-highipc-fill-2.json (dasm-fill with a second distillation seed); worker a ends
+# with the held-out remainder, worker b with the 50-epoch full-data line. Commit results/ (after
+# `accuracy.py --report`, which also rewrites the README's tables) as records land.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,7 +23,7 @@ export OMP_NUM_THREADS=1
 mkdir -p runs
 
 acc() { "$PY" benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --set runtime.threads=1 "$@"; }
-held() { acc --holdout --tag highipc --seeds 0 --repeats 2 --no-full-data "$@"; }
+held() { acc --holdout --tag highipc --repeats 2 --no-full-data "$@"; }  # pass --seeds
 
 curve() {  # the test curve of one distillation seed (IPC 10, one seed only, is done)
   acc --no-full-data --seeds "$1" --ipc 1000 --methods random idc-f1 dasm
@@ -33,12 +35,16 @@ curve() {  # the test curve of one distillation seed (IPC 10, one seed only, is 
 
 worker_a() {
   curve 0
-  held --ipc 500 1000 --methods idc
-  held --ipc 1000 --methods dasm-split dasm-mixed
+  held --seeds 0 --ipc 200 --methods dasm-lack random idc-f1
+  held --seeds 1 --ipc 1000 500 --methods dasm-fill
+  held --seeds 0 --ipc 500 1000 --methods idc
+  held --seeds 0 --ipc 1000 --methods dasm-split dasm-mixed
 }
 
 worker_b() {
   curve 1
+  held --seeds 0 --ipc 200 --methods dasm idc
+  held --seeds 1 --ipc 1000 500 --methods dasm-lack
   acc --ipc 10 --methods random  # the 50-epoch full-data line (the IPC 10 record is reused)
 }
 
