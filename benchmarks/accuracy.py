@@ -180,8 +180,6 @@ def main():
     header = {"profile": name, "split": split, "argv": sys.argv, "machine": machine(),
               "reported": "last-epoch accuracy, mean +- std over evaluation repeats; equal "
                           "epochs (IDC's convention)"}
-    recorded = json.loads(results_path.read_text()).get("runs", []) \
-        if results_path.exists() else []
     if a.report:
         if not results_path.exists():
             sys.exit(f"--report: {results_path} does not exist yet (run the sweep first)")
@@ -189,8 +187,10 @@ def main():
 
     full = None
     if any(m in ("easy", "hard") for m in methods) or not a.no_full_data:
-        full, rec = full_data(base, ds, runs_root, a.full_data_epochs or bench.get("full_data_epochs", base.eval.epochs),
-                              recorded, need_model=any(m in ("easy", "hard") for m in methods))
+        full, rec = full_data(base, ds, runs_root,
+                              a.full_data_epochs or bench.get("full_data_epochs", base.eval.epochs),
+                              recorded_runs(results_path),
+                              need_model=any(m in ("easy", "hard") for m in methods))
         merge(results_path, header, rec)
         print(f"full-data network ({rec['epochs']} epochs): {rec['mean'] * 100:.2f}%", flush=True)
 
@@ -230,8 +230,7 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
     """The record of ``method`` at ``ipc`` and ``seed``: the one in the results file when it
     holds this config identity and protocol (read now: another worker may have written it
     since this one started), else the run made (or resumed) and evaluated."""
-    recorded = json.loads(results_path.read_text())["runs"] if results_path.exists() else []
-    old = reusable(recorded, method, ipc, seed, resolved, repeats)
+    old = reusable(recorded_runs(results_path), method, ipc, seed, resolved, repeats)
     if old is not None:  # measured before (maybe on another machine): keep it
         print(f"  ipc {ipc:4d} seed {seed} {method:15s} {old['mean'] * 100:6.2f} (recorded)",
               flush=True)
@@ -256,6 +255,11 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
           f"{rec['std'] * 100:.2f}  (distill {rec['distill_seconds']:.0f} s, eval "
           f"{rec['eval_seconds']:.0f} s)", flush=True)
     return rec
+
+
+def recorded_runs(results_path: Path) -> list[dict]:
+    """The records of a results file as it is now ([] before its first record)."""
+    return json.loads(results_path.read_text())["runs"] if results_path.exists() else []
 
 
 def reusable(records: list[dict], method: str, ipc: int, seed: int, cfg, repeats: int):
