@@ -79,6 +79,9 @@ METHODS = {
     # fill.json): lack pools whose short classes are filled by smallest margin, not at random
     "dasm-fill": {**F1, "dasm.pool": "lack", "dasm.match_init": "fresh",
                   "dasm.lack_fill": "margin"},
+    # the small-phi plan forced (two halves at factor 2, full pools, fresh networks): the default
+    # below PHI_LARGE, and at IPC 200 until results/ablation-phi-200.json moved PHI_LARGE
+    "dasm-f2": {"synthetic.factor": 2, "dasm.pool": "rank", "dasm.match_init": "fresh"},
     # last round's ablation (IPC <= 100), kept so its records still report
     "dasm-design": V2,
     "dasm-fresh": {**V2, "dasm.match_init": "fresh"},
