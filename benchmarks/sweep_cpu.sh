@@ -12,10 +12,11 @@
 # distillation seed, the headline first (IPC 1000 and 500: random, idc-f1, dasm), then equal
 # compute, IPC 100-200, and idc at factor 2 at IPC 500 and 1000 (40,000 decoded images to train
 # on at 1000: about 2 h per seed here). Then the held-out trials whose rules were written first:
-# results/ablation-phi-200.json (where PHI_LARGE belongs: IPC 200) and
-# results/ablation-highipc-fill-2.json (dasm-fill with a second distillation seed); worker a ends
-# with the held-out remainder, worker b with the 50-epoch full-data line. Commit results/ (after
-# `accuracy.py --report`, which also rewrites the README's tables) as records land.
+# results/ablation-phi-200.json (where PHI_LARGE belongs: IPC 200; done, its calls reuse the
+# records) and results/ablation-highipc-fill-2.json (dasm-fill with a second distillation seed);
+# worker a ends with the held-out remainder, worker b with the 50-epoch full-data line. Commit
+# results/ (after `accuracy.py --report`, which also rewrites the README's tables) as records
+# land.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
