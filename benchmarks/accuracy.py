@@ -214,18 +214,25 @@ def main():
 
 
 @contextlib.contextmanager
-def claimed(lock_path: Path):
-    """Hold one run for this worker while it makes it (an exclusive ``flock``, released when the
-    worker ends, even killed). A second worker on the same run (sweeps side by side, or two
-    methods with equal configs) waits here, then finds the first one's record."""
+def locked(lock_path: Path, busy: str = ""):
+    """An exclusive ``flock`` on ``lock_path``, held for the block and released when the process
+    ends, even killed; ``busy`` is printed when another process holds it and this one waits."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"  {lock_path.stem}: another worker is making it; waiting", flush=True)
+            if busy:
+                print(busy, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def claimed(lock_path: Path):
+    """Hold one run for this worker while it makes it. A second worker on the same run (sweeps
+    side by side, or two methods with equal configs) waits here, then finds the first one's
+    record."""
+    return locked(lock_path, f"  {lock_path.stem}: another worker is making it; waiting")
 
 
 def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, full,
@@ -281,9 +288,7 @@ def reusable(records: list[dict], method: str, ipc: int, seed: int, cfg, repeats
 def merge(path: Path, header: dict, record: dict) -> None:
     """Put ``record`` into the results file, replacing the one of the same method, IPC, seed
     and budget; under a lock, so that sweeps run side by side do not lose each other's runs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(path.with_suffix(".lock")):
         data = json.loads(path.read_text()) if path.exists() else {}
         key = lambda r: (r["method"], r["ipc"], r.get("seed"), r.get("budget"),  # noqa: E731
                          r.get("epochs") if r["method"] == "full-data" else None)
