@@ -376,8 +376,8 @@ def _get(cfg: Config, key: str):
 def _interval(cfg: Config, key: str, lo: float, hi: float, closed: bool) -> None:
     v = _get(cfg, key)
     if not (lo <= v <= hi if closed else lo <= v < hi):
-        raise ConfigError(f"config key '{key}' must lie in [{lo:g}, {hi:g}{']' if closed else ')'}, "
-                          f"got {v}")
+        bracket = "]" if closed else ")"
+        raise ConfigError(f"config key '{key}' must lie in [{lo:g}, {hi:g}{bracket}, got {v}")
 
 
 def validate(cfg: Config) -> None:

@@ -50,11 +50,12 @@ at factor 2 leads idc-f1 on the test split) and 0.04. One seed; the exact crosso
 and 0.04 is not measured.
 The test split reports, it did not choose (``results/accuracy-cpu.md``, 2 seeds): the large-phi
 plan 86.47 at IPC 200 (random 85.25, idc-f1 85.54, the small-phi plan 84.48), 88.66 at IPC 500
-(random 87.91, idc-f1 87.64) and 89.27 at IPC 1000 (random 89.29, idc-f1 88.92). At IPC 1000 four classes of ten have fewer lacking images than the second half needs
-and are topped up at random (``topped_up`` in the ``segment_start`` log). Filling them by
-smallest margin instead (``dasm.lack_fill: margin``) scored +0.175 over the plain lack pool on
-the held-out split (88.99 and 90.06 at IPC 500 and 1000), under the 0.2 its pre-written rule
-asked (``results/ablation-highipc-fill.json``): a switch, off by default.
+(random 87.91, idc-f1 87.64) and 89.27 at IPC 1000 (random 89.29, idc-f1 88.92). At IPC 1000
+four classes of ten have fewer lacking images than the second half needs and are topped up at
+random (``topped_up`` in the ``segment_start`` log). Filling them by smallest margin instead
+(``dasm.lack_fill: margin``) scored +0.175 over the plain lack pool on the held-out split (88.99
+and 90.06 at IPC 500 and 1000), under the 0.2 its pre-written rule asked
+(``results/ablation-highipc-fill.json``): a switch, off by default.
 
 Rank pools are per-class difficulty ranks, easiest first, as fractions ``[lo, hi)`` of the
 class: segment ``k >= 1`` of ``K`` leaves out the easiest ``lo_k = easy_drop * k / (K - 1)``

@@ -2,8 +2,8 @@
 import of a ``dasm`` module goes to a strictly lower floor, so there is no circle), and modules
 stay small."""
 import ast
-import re
 import pathlib
+import re
 
 import pytest
 
@@ -66,7 +66,7 @@ def test_readme_table_agrees_with_the_floors():
     lower floor than one it may import (it may merge adjacent floors of this file)."""
     readme = (PKG.parent / "README.md").read_text()
     table = {m: int(floor) for floor, mods in
-             re.findall(r"^\| (\d+) \| (`[^|]+`) \|", readme, flags=re.M)
+             re.findall(r"^\| (\d+) \| (`[^|]+`) \|", readme, flags=re.MULTILINE)
              for m in re.findall(r"`(\w+)`", mods)}
     assert set(table) == set(MODULES) - {"__main__"}, set(table) ^ (set(MODULES) - {"__main__"})
     wrong = [(a, b) for a in table for b in table

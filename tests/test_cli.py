@@ -72,7 +72,8 @@ def test_export_both_formats(smoke_run, tmp_path):
     (["distill", "--set", "backend=conv=triton"], "config key 'backend': unknown op 'conv'"),
     (["distill", "--set", "synthetic.factor=[2,0]"], "synthetic.factor"),
     (["distill", "--set", "dasm.pool=lack", "--set", "dasm.easy_drop=0.3"], "'dasm.pool' is lack"),
-    (["distill", "--set", "dasm.pool=rank", "--set", "dasm.lack_fill=margin"], "'dasm.pool' is rank"),
+    (["distill", "--set", "dasm.pool=rank", "--set", "dasm.lack_fill=margin"],
+     "'dasm.pool' is rank"),
 ])
 def test_bad_input_exit_2_and_outputs_untouched(smoke_run, capsys, argv, message):
     before = snapshot(smoke_run)
