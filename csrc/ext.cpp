@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #ifdef DASM_WITH_CUDA
@@ -24,6 +25,15 @@ void accumulate_class_grads_cuda(torch::Tensor buffer, const std::vector<torch::
 
 namespace {
 
+// Error messages hand c10::str strings only: numbers through num(), devices through str(), dtypes
+// through toString(). On the H200 machine (extension built by its /opt/gcc g++, torch 2.11) a
+// failed check that streamed an integer into c10::str's ostringstream crashed the process with
+// SIGSEGV inside `ss << t` (cuda-gdb: c10::detail::_str<unsigned long>), where a dtype's name
+// streamed fine: a bad argument must be one RuntimeError, not a dead interpreter.
+template <typename T>
+std::string num(T value) { return std::to_string(value); }
+
+
 // ------------------------------------------------------------------ accumulate_class_grads
 // Checks every argument on the host; returns the class rows as a contiguous CPU tensor, the
 // one both device paths read.
@@ -31,36 +41,37 @@ torch::Tensor check_accumulate(const torch::Tensor& buffer,
                                const std::vector<torch::Tensor>& grads,
                                const std::vector<int64_t>& offsets, const torch::Tensor& classes) {
   TORCH_CHECK(buffer.dim() == 2, "accumulate_class_grads: buffer must be 2-D [C, P], got ",
-              buffer.dim(), "-D");
+              num(buffer.dim()), "-D");
   TORCH_CHECK(buffer.scalar_type() == torch::kFloat32,
-              "accumulate_class_grads: buffer must be float32, got ", buffer.scalar_type());
+              "accumulate_class_grads: buffer must be float32, got ", c10::toString(buffer.scalar_type()));
   TORCH_CHECK(buffer.is_contiguous(), "accumulate_class_grads: buffer must be contiguous");
   TORCH_CHECK(classes.dim() == 1 && classes.scalar_type() == torch::kInt64,
               "accumulate_class_grads: classes must be a 1-D int64 tensor");
   // class indices stay on the host, where their range is checked (a device assert would kill
   // the CUDA context); the CUDA path uploads them with its work table
   TORCH_CHECK(classes.is_cpu(), "accumulate_class_grads: classes must be a CPU tensor, got ",
-              classes.device());
+              classes.device().str());
   const int64_t C = buffer.size(0);
   const auto cls = classes.contiguous();
   const int64_t* c = cls.data_ptr<int64_t>();
   for (int64_t j = 0; j < cls.size(0); ++j)
-    TORCH_CHECK(c[j] >= 0 && c[j] < C, "accumulate_class_grads: class index ", c[j],
-                " out of range [0, ", C, ")");
-  TORCH_CHECK(grads.size() == offsets.size(), "accumulate_class_grads: ", grads.size(),
-              " gradients but ", offsets.size(), " offsets");
+    TORCH_CHECK(c[j] >= 0 && c[j] < C, "accumulate_class_grads: class index ", num(c[j]),
+                " out of range [0, ", num(C), ")");
+  TORCH_CHECK(grads.size() == offsets.size(), "accumulate_class_grads: ", num(grads.size()),
+              " gradients but ", num(offsets.size()), " offsets");
   const int64_t B = classes.size(0), P = buffer.size(1);
   for (size_t i = 0; i < grads.size(); ++i) {
     const auto& g = grads[i];
-    TORCH_CHECK(g.device() == buffer.device(), "accumulate_class_grads: gradient ", i, " is on ",
-                g.device(), ", buffer on ", buffer.device());
-    TORCH_CHECK(g.scalar_type() == torch::kFloat32, "accumulate_class_grads: gradient ", i,
-                " must be float32, got ", g.scalar_type());
-    TORCH_CHECK(g.dim() >= 1 && g.size(0) == B, "accumulate_class_grads: gradient ", i,
-                " must have a leading dimension of ", B, " (one row per class index)");
+    TORCH_CHECK(g.device() == buffer.device(), "accumulate_class_grads: gradient ", num(i), " is on ",
+                g.device().str(), ", buffer on ", buffer.device().str());
+    TORCH_CHECK(g.scalar_type() == torch::kFloat32, "accumulate_class_grads: gradient ", num(i),
+                " must be float32, got ", c10::toString(g.scalar_type()));
+    TORCH_CHECK(g.dim() >= 1 && g.size(0) == B, "accumulate_class_grads: gradient ", num(i),
+                " must have a leading dimension of ", num(B), " (one row per class index)");
     const int64_t n = B ? g.numel() / B : 0;
-    TORCH_CHECK(offsets[i] >= 0 && offsets[i] + n <= P, "accumulate_class_grads: gradient ", i,
-                " (", n, " values at offset ", offsets[i], ") does not fit a row of ", P);
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i] + n <= P, "accumulate_class_grads: gradient ", num(i),
+                " (", num(n), " values at offset ", num(offsets[i]), ") does not fit a row of ",
+                num(P));
   }
   return cls;
 }
@@ -75,7 +86,7 @@ void accumulate_class_grads(torch::Tensor buffer, std::vector<torch::Tensor> gra
   }
 #endif
   TORCH_CHECK(buffer.is_cpu(), "accumulate_class_grads: this build supports CPU tensors only, got ",
-              buffer.device());
+              buffer.device().str());
   const int64_t P = buffer.size(1), B = classes_c.size(0);
   const int64_t* cls = classes_c.data_ptr<int64_t>();
   std::vector<torch::Tensor> flat;
@@ -134,13 +145,14 @@ Plane make_plane(const torch::Tensor& z, bool pool) {
 
 void check_inrp(const torch::Tensor& z, const torch::Tensor& weight, const torch::Tensor& bias,
                 bool pool) {
-  TORCH_CHECK(z.is_cpu(), "instance_norm_relu_pool (ext): CPU tensors only, got ", z.device());
-  TORCH_CHECK(z.dim() == 4, "instance_norm_relu_pool: input must be [N, C, H, W], got ", z.dim(),
-              "-D");
+  TORCH_CHECK(z.is_cpu(), "instance_norm_relu_pool (ext): CPU tensors only, got ",
+              z.device().str());
+  TORCH_CHECK(z.dim() == 4, "instance_norm_relu_pool: input must be [N, C, H, W], got ",
+              num(z.dim()), "-D");
   TORCH_CHECK(z.scalar_type() == torch::kFloat32, "instance_norm_relu_pool: float32 only, got ",
-              z.scalar_type());
+              c10::toString(z.scalar_type()));
   TORCH_CHECK(weight.numel() == z.size(1) && bias.numel() == z.size(1),
-              "instance_norm_relu_pool: weight and bias need ", z.size(1), " values");
+              "instance_norm_relu_pool: weight and bias need ", num(z.size(1)), " values");
   TORCH_CHECK(!pool || (z.size(2) >= 2 && z.size(3) >= 2),
               "instance_norm_relu_pool: pooling needs H, W >= 2");
 }
