@@ -13,7 +13,8 @@
 # compute, IPC 100-200, and idc at factor 2 at IPC 500 and 1000 (40,000 decoded images to train
 # on at 1000: about 2 h per seed here). Then the held-out trials whose rules were written first:
 # results/ablation-phi-200.json (where PHI_LARGE belongs: IPC 200; done, its calls reuse the
-# records) and results/ablation-highipc-fill-2.json (dasm-fill with a second distillation seed);
+# records) and results/ablation-highipc-fill-2.json (dasm-fill with a second distillation seed;
+# done: not adopted);
 # worker a ends with the held-out remainder, worker b with the 50-epoch full-data line. Commit
 # results/ (after `accuracy.py --report`, which also rewrites the README's tables) as records
 # land.
