@@ -25,6 +25,13 @@ def start_images(ds, n, factor=2, seed=0):
     return init_mix(real, factor)
 
 
+def assert_close_to_scale(x, y):
+    """Equal up to float32 summation order: the two engines sum the same terms in different orders
+    (and threads), whose error scales with the tensor's largest values, not with each element;
+    a fixed atol of 1e-6 failed once on momentum values near 0 (error 9e-7 of a tensor at 0.4)."""
+    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()))
+
+
 def step_loss(m, model, draws, images, frozen=None):
     """Loss of the batched step, without updating anything."""
     return m.step(model, draws, images, torch.zeros_like(images), frozen, lr_img=0.0)[2]
@@ -59,7 +66,7 @@ def test_batched_engine_equals_loop(tiny_ds, metric, frozen_n, update):
     a = loop.step(model, draws, images, momentum, frozen)
     b = batched.step(model, draws, images, momentum, frozen)
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+        assert_close_to_scale(x, y)
     assert not torch.equal(a[0], images)
 
 
@@ -73,7 +80,7 @@ def test_vmap_class_batching_equals_sequential(tiny_ds):
     a = seq.step(model, draws, images, torch.zeros_like(images), frozen)
     b = vm.step(model, draws, images, torch.zeros_like(images), frozen)
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+        assert_close_to_scale(x, y)
 
 
 @pytest.mark.parametrize("mu", [0.0, 0.5, 0.9])
