@@ -74,7 +74,7 @@ from .errors import ConfigError
 AUTO = "auto"
 AUTO_MIN_IPC = 20  # segments: auto splits IPCs from here on into AUTO_SEGMENTS equal segments
 AUTO_SEGMENTS = 2
-PHI_LARGE = 0.03  # kept fraction from which the large-phi plan runs (table above)
+PHI_LARGE = 0.015  # kept fraction from which the large-phi plan runs (table above)
 LARGE_PHI_LATER = {"dasm.pool": "lack", "dasm.match_init": "fresh"}  # later segments there
 LACK_KEYS = ("lack_margin", "tail_drop", "coverage", "lack_fill")  # read by lack pools only
 
