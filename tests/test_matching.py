@@ -25,11 +25,20 @@ def start_images(ds, n, factor=2, seed=0):
     return init_mix(real, factor)
 
 
-def assert_close_to_scale(x, y):
+def assert_close_to_scale(x, y, flips=0.0):
     """Equal up to float32 summation order: the two engines sum the same terms in different orders
     (and threads), whose error scales with the tensor's largest values, not with each element;
-    a fixed atol of 1e-6 failed once on momentum values near 0 (error 9e-7 of a tensor at 0.4)."""
-    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()))
+    a fixed atol of 1e-6 failed once on momentum values near 0 (error 9e-7 of a tensor at 0.4).
+    ``flips``: the share of values allowed past that (at most 1 % of the scale): l1's gradient
+    is sign(gs - gr), and where that difference is at rounding level the two orders can pick
+    opposite signs (seen in a full run: 2 of 4704 pixels 4e-4 apart); a wrong engine moves
+    nearly every value."""
+    scale = float(y.abs().max())
+    off = (x - y).abs() > 1e-5 * scale + 1e-4 * y.abs()
+    if flips and off.float().mean() <= flips:
+        assert float((x - y).abs().max()) <= 1e-2 * scale
+        return
+    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * scale)
 
 
 def step_loss(m, model, draws, images, frozen=None):
@@ -66,7 +75,7 @@ def test_batched_engine_equals_loop(tiny_ds, metric, frozen_n, update):
     a = loop.step(model, draws, images, momentum, frozen)
     b = batched.step(model, draws, images, momentum, frozen)
     for x, y in zip(a, b):
-        assert_close_to_scale(x, y)
+        assert_close_to_scale(x, y, flips=0.002 if metric == "l1" else 0.0)
     assert not torch.equal(a[0], images)
 
 
