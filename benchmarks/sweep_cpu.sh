@@ -14,7 +14,7 @@
 # on at 1000: about 2 h per seed here). Then the held-out trials whose rules were written first:
 # results/ablation-phi-200.json (where PHI_LARGE belongs: IPC 200; done, its calls reuse the
 # records) and results/ablation-highipc-fill-2.json (dasm-fill with a second distillation seed;
-# done: not adopted);
+# done: not adopted) and results/ablation-phi-crossover.json (IPC 150 and 100; done: PHI_LARGE 0.015);
 # worker a ends with the held-out remainder, worker b with the 50-epoch full-data line. Commit
 # results/ (after `accuracy.py --report`, which also rewrites the README's tables) as records
 # land.
@@ -39,6 +39,8 @@ worker_a() {
   curve 0
   held --seeds 0 --ipc 200 --methods dasm-lack random idc-f1
   held --seeds 1 --ipc 1000 500 --methods dasm-fill
+  held --seeds 0 --ipc 150 100 --methods dasm-lack dasm-f2  # results/ablation-phi-crossover.json
+  held --seeds 0 --ipc 150 --methods idc-f1 random
   held --seeds 0 --ipc 500 1000 --methods idc
   held --seeds 0 --ipc 1000 --methods dasm-split dasm-mixed
 }
