@@ -14,7 +14,8 @@
 # on at 1000: about 2 h per seed here). Then the held-out trials whose rules were written first:
 # results/ablation-phi-200.json (where PHI_LARGE belongs: IPC 200; done, its calls reuse the
 # records) and results/ablation-highipc-fill-2.json (dasm-fill with a second distillation seed;
-# done: not adopted) and results/ablation-phi-crossover.json (IPC 150 and 100; done: PHI_LARGE 0.015);
+# done: not adopted) and results/ablation-phi-crossover.json (IPC 150 and 100;
+# done: PHI_LARGE 0.015);
 # worker a ends with the held-out remainder, worker b with the 50-epoch full-data line. Commit
 # results/ (after `accuracy.py --report`, which also rewrites the README's tables) as records
 # land.
