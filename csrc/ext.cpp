@@ -33,7 +33,6 @@ namespace {
 template <typename T>
 std::string num(T value) { return std::to_string(value); }
 
-
 // ------------------------------------------------------------------ accumulate_class_grads
 // Checks every argument on the host; returns the class rows as a contiguous CPU tensor, the
 // one both device paths read.
@@ -43,7 +42,8 @@ torch::Tensor check_accumulate(const torch::Tensor& buffer,
   TORCH_CHECK(buffer.dim() == 2, "accumulate_class_grads: buffer must be 2-D [C, P], got ",
               num(buffer.dim()), "-D");
   TORCH_CHECK(buffer.scalar_type() == torch::kFloat32,
-              "accumulate_class_grads: buffer must be float32, got ", c10::toString(buffer.scalar_type()));
+              "accumulate_class_grads: buffer must be float32, got ",
+              c10::toString(buffer.scalar_type()));
   TORCH_CHECK(buffer.is_contiguous(), "accumulate_class_grads: buffer must be contiguous");
   TORCH_CHECK(classes.dim() == 1 && classes.scalar_type() == torch::kInt64,
               "accumulate_class_grads: classes must be a 1-D int64 tensor");
@@ -62,8 +62,8 @@ torch::Tensor check_accumulate(const torch::Tensor& buffer,
   const int64_t B = classes.size(0), P = buffer.size(1);
   for (size_t i = 0; i < grads.size(); ++i) {
     const auto& g = grads[i];
-    TORCH_CHECK(g.device() == buffer.device(), "accumulate_class_grads: gradient ", num(i), " is on ",
-                g.device().str(), ", buffer on ", buffer.device().str());
+    TORCH_CHECK(g.device() == buffer.device(), "accumulate_class_grads: gradient ", num(i),
+                " is on ", g.device().str(), ", buffer on ", buffer.device().str());
     TORCH_CHECK(g.scalar_type() == torch::kFloat32, "accumulate_class_grads: gradient ", num(i),
                 " must be float32, got ", c10::toString(g.scalar_type()));
     TORCH_CHECK(g.dim() >= 1 && g.size(0) == B, "accumulate_class_grads: gradient ", num(i),
