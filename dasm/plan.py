@@ -57,8 +57,9 @@ first too (``results/ablation-phi-crossover.json``), ran both plans at phi 0.03 
 between 0.01 and 0.02. One seed each; no plan was run below phi 0.02 (held-out IPC 50 would
 be phi 0.01), so the crossover lies somewhere under 0.02 and is not measured.
 The test split reports, it did not choose (``results/accuracy-cpu.md``, 2 seeds): the large-phi
-plan 84.13 at IPC 100 (idc 83.31, the small-phi plan 83.43), 86.47 at IPC 200 (random 85.25, idc-f1 85.54, the small-phi plan 84.48), 88.66 at IPC 500
-(random 87.91, idc-f1 87.64) and 89.27 at IPC 1000 (random 89.29, idc-f1 88.92). At IPC 1000
+plan 84.13 at IPC 100 (idc 83.31, the small-phi plan 83.43), 86.47 at IPC 200 (random 85.25,
+idc-f1 85.54, the small-phi plan 84.48), 88.66 at IPC 500 (random 87.91, idc-f1 87.64) and
+89.27 at IPC 1000 (random 89.29, idc-f1 88.92). At IPC 1000
 four classes of ten have fewer lacking images than the second half needs and are topped up at
 random (``topped_up`` in the ``segment_start`` log). Filling them by smallest margin instead
 (``dasm.lack_fill: margin``) scored +0.175 over the plain lack pool on the held-out split (88.99

@@ -167,11 +167,8 @@ def test_matching_step_triton_equals_reference():
     torch.backends.cudnn.allow_tf32 = False
     try:
         for backend in ("reference", "triton"):
-            ops.set_backend(f"decode_augment={backend},grad_distance={backend}")
-            try:
+            with ops.override(decode_augment=backend, grad_distance=backend):
                 outs.append(m.step(model, draws, images, torch.zeros_like(images)))
-            finally:
-                ops.set_backend(None)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     for a, b in zip(*outs):
