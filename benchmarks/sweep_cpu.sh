@@ -15,7 +15,7 @@
 # results/ablation-phi-200.json (where PHI_LARGE belongs: IPC 200; done, its calls reuse the
 # records) and results/ablation-highipc-fill-2.json (dasm-fill with a second distillation seed;
 # done: not adopted) and results/ablation-phi-crossover.json (IPC 150 and 100;
-# done: PHI_LARGE 0.015);
+# done: PHI_LARGE 0.015) and results/ablation-phi-50.json (IPC 50, phi 0.01);
 # worker a ends with the held-out remainder, worker b with the 50-epoch full-data line. Commit
 # results/ (after `accuracy.py --report`, which also rewrites the README's tables) as records
 # land.
@@ -42,6 +42,7 @@ worker_a() {
   held --seeds 1 --ipc 1000 500 --methods dasm-fill
   held --seeds 0 --ipc 150 100 --methods dasm-lack dasm-f2  # results/ablation-phi-crossover.json
   held --seeds 0 --ipc 150 --methods idc-f1 random
+  held --seeds 0 --ipc 50 --methods dasm-lack dasm-f2 idc  # results/ablation-phi-50.json
   held --seeds 0 --ipc 500 1000 --methods idc
   held --seeds 0 --ipc 1000 --methods dasm-split dasm-mixed
 }
