@@ -44,9 +44,10 @@ alone scored +0.33 over none (+0.18 at 500, +0.47 at 1000), lack pools with cond
 +0.02 (-0.22 at 500, +0.25 at 1000), conditioned networks alone -0.12 (88.43 and 89.37), so
 later segments at large phi draw from lack pools with fresh networks (:data:`LARGE_PHI_LATER`);
 conditioned networks stay a switch (``dasm.match_init: conditioned``), off by default at every
-phi. At IPC 500 a first half at factor 2 (87.53) and an uneven split (88.30), both with both
-pieces, fell under the plain lack pool; their IPC 1000 twins and idc at factor 2 are still to
-run and may change this row; one seed.
+phi. An uneven split (3/4 + 1/4, both pieces) scored 88.30 and 89.49 (score 88.90, under
+both pieces in halves, 89.04, and the plain lack pool, 89.35); a first half at factor 2 (both
+pieces) 87.53 at IPC 500 and MIXED1000 at 1000; idc at factor 2 85.54 and 85.58, 2.8 and 4.2
+under random. One seed.
 
 **Where the regimes meet.** PHI_LARGE was 0.05 (between the measured 0.02 and 0.1) until the
 test split showed dasm at IPC 200 (phi 0.033) 1.14 under the best baseline with the small-phi

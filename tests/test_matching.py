@@ -34,7 +34,8 @@ def assert_close_to_scale(x, y, flips=0.05):
     level, the two orders can take opposite sides and move one unit's whole path, a patch of one
     image (seen: l1, 2 of 4704 values 4e-4 apart; cos under SSE4.1 on another CPU, 93 of 4704
     values 1e-3 of the scale apart). A wrong engine moves far more: joint instead of sequential
-    updates moves 58-100 % of the image and momentum values, a one-class fault a third."""
+    updates moves 58-100 % of the image and momentum values (measured), a fault confined to one
+    of the three classes a third of them."""
     scale = float(y.abs().max())
     off = (x - y).abs() > 1e-5 * scale + 1e-4 * y.abs()
     if off.float().mean() <= flips:
