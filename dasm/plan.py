@@ -46,7 +46,7 @@ later segments at large phi draw from lack pools with fresh networks (:data:`LAR
 conditioned networks stay a switch (``dasm.match_init: conditioned``), off by default at every
 phi. An uneven split (3/4 + 1/4, both pieces) scored 88.30 and 89.49 (score 88.90, under
 both pieces in halves, 89.04, and the plain lack pool, 89.35); a first half at factor 2 (both
-pieces) 87.53 at IPC 500 and MIXED1000 at 1000; idc at factor 2 85.54 and 85.58, 2.8 and 4.2
+pieces) 87.53 and 88.18 (score 87.86); idc at factor 2 85.54 and 85.58, 2.8 and 4.2
 under random. One seed.
 
 **Where the regimes meet.** PHI_LARGE was 0.05 (between the measured 0.02 and 0.1) until the
