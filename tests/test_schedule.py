@@ -112,8 +112,8 @@ def test_plan_follows_the_kept_fraction():
     # results/ablation-phi-200.json, -crossover.json and -50.json: IPC 100-200 of 5000
     # (held-out) and of 6000 (test) run the large-phi plan, IPC 50 of 5000 and 6000 the small
     assert [auto_plan(n, 2, real)["synthetic.factor"] for n, real in
-            ((200, 5000), (150, 5000), (100, 5000), (100, 6000), (50, 5000), (50, 6000))] \
-        == [1, 1, 1, 1, 2, 2]
+            ((200, 5000), (200, 6000), (150, 5000), (100, 5000), (100, 6000), (50, 5000),
+             (50, 6000))] == [1, 1, 1, 1, 1, 2, 2]
     small, large = resolved(*SEG, real_per_class=4000), resolved(*SEG)
     assert (small.dasm.pool, small.dasm.match_init) == ("rank", "fresh")
     assert (large.dasm.pool, large.dasm.match_init) == LARGE_PHI_LATER_SEGMENTS
