@@ -11,7 +11,33 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "results"
+# where results files go: results/ of the checkout, or DASM_RESULTS (a sweep run from a frozen
+# worktree of one commit writes into the main checkout's results/)
+RESULTS = Path(os.environ.get("DASM_RESULTS", ROOT / "results"))
+CODE_PATHS = ("dasm", "kernels", "csrc")  # what a record's numbers depend on
+
+
+def commit() -> str:
+    """The checked-out commit (short hash), "" outside git."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def code_unchanged_since(rev: str | None) -> bool:
+    """Whether the package code (:data:`CODE_PATHS`) of this checkout, work tree included, is
+    the code of commit ``rev``: a record made there still describes it. False without a
+    commit, or where git does not know ``rev``."""
+    if not rev:
+        return False
+    try:
+        r = subprocess.run(["git", "diff", "--quiet", rev, "--", *CODE_PATHS], cwd=ROOT,
+                           capture_output=True)
+    except OSError:
+        return False
+    return r.returncode == 0
 
 
 def machine() -> dict:
@@ -33,11 +59,7 @@ def machine() -> dict:
             info["triton"] = triton.__version__
         except ImportError:
             pass
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                        capture_output=True, text=True).stdout.strip()
-    except OSError:
-        pass
+    info["commit"] = commit()
     return info
 
 

@@ -55,7 +55,7 @@ from dasm.rundir import RunDir, load_tensors  # noqa: E402
 from dasm.schedule import distill  # noqa: E402
 from dasm.train import accuracy  # noqa: E402
 
-from _common import RESULTS, ROOT, machine, table  # noqa: E402
+from _common import RESULTS, ROOT, code_unchanged_since, commit, machine, table  # noqa: E402
 
 # method -> config overrides of a distilled run (None: a real-subset baseline)
 V2 = {"dasm.match_init": "scorer", "dasm.easy_drop": 0.5, "dasm.hard_drop": 0.02,
@@ -100,8 +100,8 @@ def load_profile(path: str, overrides: list[str], holdout: bool):
     raw = yaml.safe_load(Path(path).read_text()) or {}
     bench = raw.pop("benchmark", {}) or {}
     extra = parse_overrides(overrides)
-    if holdout:
-        extra["data.holdout_per_class"] = bench.get("holdout_per_class", 1000)
+    if holdout:  # an explicit --set data.holdout_per_class wins (small sets: digits)
+        extra.setdefault("data.holdout_per_class", bench.get("holdout_per_class", 1000))
     return from_dict(with_overrides(raw, extra)), bench
 
 
@@ -260,6 +260,7 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
            "segments": s["segments"], "train_images": s["train_images"],
            "epochs": s["epochs"], "config_identity": resolved.identity(),
            "argv": sys.argv[1:],  # the worker's own command (the header: the last)
+           "commit": commit(),  # reused only while the package code is this commit's
            "run_dir": str(run.path.relative_to(ROOT))}
     print(f"  ipc {ipc:4d} seed {seed} {method:15s} {rec['mean'] * 100:6.2f} +- "
           f"{rec['std'] * 100:.2f}  (distill {rec['distill_seconds']:.0f} s, eval "
@@ -274,13 +275,16 @@ def recorded_runs(results_path: Path) -> list[dict]:
 
 def reusable(records: list[dict], method: str, ipc: int, seed: int, cfg, repeats: int):
     """The record of ``method`` at ``ipc`` and ``seed`` already in the results file when it
-    was measured with this config identity and protocol (evaluation epochs and repeats), else
-    None: a sweep on a new machine (no ``runs/``) reruns only what is missing."""
+    was measured with this config identity and protocol (evaluation epochs and repeats) on
+    code that is still this checkout's (the record's commit; a record without one is not
+    reused), else None: a sweep on a new machine (no ``runs/``) reruns only what is missing,
+    and a changed plan or engine reruns what it touches."""
     for r in records:
         if (r["method"], r["ipc"], r.get("seed"), r.get("budget")) == \
                 (method, ipc, seed, budget_of(method)) \
                 and r.get("config_identity") == cfg.identity() \
-                and r.get("epochs") == cfg.eval.epochs and len(r["accuracies"]) == repeats:
+                and r.get("epochs") == cfg.eval.epochs and len(r["accuracies"]) == repeats \
+                and code_unchanged_since(r.get("commit")):
             return r
     return None
 
@@ -354,7 +358,8 @@ def full_data(base, ds, runs_root: Path, epochs: int, recorded: list[dict] = (),
                                         sort_keys=True))
     for r in recorded:
         if r["method"] == "full-data" and r.get("key") == f"{key:016x}" and \
-                r.get("epochs") == epochs and not need_model:
+                r.get("epochs") == epochs and not need_model and \
+                code_unchanged_since(r.get("commit")):
             return None, r
     path = runs_root / f"full-data-model-{epochs}ep-{key:016x}.pt"
     t0 = time.perf_counter()
@@ -373,7 +378,7 @@ def full_data(base, ds, runs_root: Path, epochs: int, recorded: list[dict] = (),
     acc = accuracy(model, ds.test_images, ds.test_labels, mean, std)
     return model, {"method": "full-data", "ipc": None, "seed": cfg.seed, "budget": None,
                    "key": f"{key:016x}", "epochs": epochs, "accuracies": [acc], "mean": acc,
-                   "std": 0.0,
+                   "std": 0.0, "commit": commit(),
                    "seconds": round(time.perf_counter() - t0, 1)}
 
 
