@@ -19,7 +19,7 @@ from typing import Any, List, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import ConfigError
-from .plan import AUTO, check_plan_keys
+from .plan import AUTO, LACK_KEYS, check_plan_keys
 
 
 def _choice(default, *choices):
@@ -106,6 +106,9 @@ class DasmConfig:
     # lack pools, a class with too few lacking images: random = topped up at random; margin =
     # the rest's smallest margins count as lacking until they are (1 - coverage) of the init
     lack_fill: str = _choice("random", "random", "margin")
+    # lack pools: the pool holds at least this many times the images the segment's init draws
+    # (or the whole class without its tail), so real batches never come only from the init
+    pool_multiple: float = 2.0
     scorer_epochs: int = 300
     # matching networks of k >= 2 (auto: dasm.plan's rule): fresh (IDC); conditioned = a fresh
     # network trained condition_epochs on decoded S_<k, a new one every condition_every outer
@@ -174,6 +177,9 @@ class Config:
         ``dist`` (threads, progress bars, timeouts do not change the synthetic set). One hash
         serves to refuse a foreign run directory and to accept a checkpoint."""
         d = {k: v for k, v in self.to_dict().items() if k not in IDENTITY_EXCLUDES}
+        if d["dasm"]["pool"] == "rank":  # keys that shape lack pools only shape nothing here
+            for key in LACK_KEYS:
+                d["dasm"].pop(key)
         for key, neutral in IDENTITY_SINCE.items():
             section, leaf = key.split(".")
             if d[section].get(leaf) == neutral:
@@ -198,7 +204,7 @@ IDENTITY_EXCLUDES = ("runtime", "dist")
 # it existed keeps its identity (and a sweep reuses it); any other value enters the hash.
 IDENTITY_SINCE = {"dasm.pool": "rank", "dasm.lack_margin": 1.0, "dasm.tail_drop": 0.05,
                   "dasm.coverage": 0.3, "dasm.condition_every": 2, "dasm.condition_epochs": 5,
-                  "dasm.lack_fill": "random"}
+                  "dasm.lack_fill": "random", "dasm.pool_multiple": 1.0}
 BENCHMARK_SECTION = "benchmark"  # in profile files: the benchmark's settings, ignored by runs
 
 
@@ -395,6 +401,9 @@ def validate(cfg: Config) -> None:
         for v in value if isinstance(value, list) else [value]:
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"config key '{key}' must lie in [0, 1), got {v}")
+    if cfg.dasm.pool_multiple < 1:
+        raise ConfigError(f"config key 'dasm.pool_multiple' must be >= 1 (the pool holds at least "
+                          f"the images its init draws), got {cfg.dasm.pool_multiple}")
     _interval(cfg, "match.mom_img", 0.0, 1.0, closed=False)
     _interval(cfg, "match.net_cutmix", 0.0, 1.0, closed=True)
     _interval(cfg, "eval.cutmix", 0.0, 1.0, closed=True)

@@ -4,76 +4,32 @@ Pure functions of the resolved ``synthetic`` / ``match`` / ``dasm`` settings (no
 pre-run checks, the schedule, the matcher and the benchmarks read one plan. Segment indices are
 0-based; segment 0 is plain IDC (full pool, fresh networks) at its own factor.
 
-**Alignment with the kept fraction.** ``phi = IPC / real images per class`` (the fraction of the
-class a set keeps when every image is stored at full resolution) decides the ``auto`` values
-(:func:`auto_plan`, applied by :mod:`dasm.rules`):
+**The auto plan reads two axes** (:func:`auto_plan`, applied by :mod:`dasm.rules`):
 
-==============  ============  ==========  ===================  ============================
-phi             factor        pools       matching networks    evidence (held-out split)
-==============  ============  ==========  ===================  ============================
-< PHI_LARGE     2 (IDC)       rank, full  fresh (IDC)          IPC 50 (phi 0.01): 81.91
-                                                               against the large-phi plan's
-                                                               81.24; IPC 100 (phi 0.02),
-                                                               rank pools: the band and
-                                                               scorer warm starts each cost
-                                                               1.4 points (results/archive/
-                                                               ablation-cpu.md)
->= PHI_LARGE    1             lack (k>1)  fresh                IPC 100 (phi 0.02): 84.25
-                                                               against the small-phi plan's
-                                                               82.80; IPC 150 (phi 0.03):
-                                                               85.91 against 84.14, idc-f1
-                                                               85.03; IPC 200 (phi 0.04):
-                                                               87.02 against 84.15; idc-f1
-                                                               85.77, random 85.50. IPC 500
-                                                               (phi 0.1): two
-                                                               halves at factor 1 88.57,
-                                                               + lack pools 88.75, + lack
-                                                               pools and conditioned
-                                                               networks 88.35; idc-f1 88.11,
-                                                               random 88.32; IPC 1000 (phi
-                                                               0.2): 89.47, + lack pools
-                                                               89.94, with both pieces
-                                                               89.72; idc-f1 89.52, random
-                                                               89.81 (one seed)
-==============  ============  ==========  ===================  ============================
+- *Storage decides the factor.* Multi-formation trades resolution for count: f = 2 stores four
+  coarse images in one. It pays while the set is small in absolute terms and its decoded count
+  stays a small share of the class: factor 2 iff ``IPC < IPC_FACTOR1`` and
+  ``4 * IPC <= DECODED_SHARE * real_per_class``; else 1 (images under 16 px: 1 always, in
+  :mod:`dasm.rules`).
+- *The kept fraction decides the pools.* ``phi = IPC / real_per_class``: from ``PHI_LARGE`` on,
+  later segments draw lack pools (what a network trained on S_<k misses) with fresh networks
+  (:data:`LARGE_PHI_PLAN`); below it, full pools (IDC's).
 
-The held-out ablation behind the large-phi row is ``results/accuracy-cpu-holdout-highipc.md``;
-its variants and decision rule were written into ``results/ablation-highipc-plan.json`` before
-any ran. The rule (score = mean over IPC 500 and 1000) keeps more pieces only at +0.2: lack pools
-alone scored +0.33 over none (+0.18 at 500, +0.47 at 1000), lack pools with conditioned networks
-+0.02 (-0.22 at 500, +0.25 at 1000), conditioned networks alone -0.12 (88.43 and 89.37), so
-later segments at large phi draw from lack pools with fresh networks (:data:`LARGE_PHI_LATER`);
-conditioned networks stay a switch (``dasm.match_init: conditioned``), off by default at every
-phi. An uneven split (3/4 + 1/4, both pieces) scored 88.30 and 89.49 (score 88.90, under
-both pieces in halves, 89.04, and the plain lack pool, 89.35); a first half at factor 2 (both
-pieces) 87.53 and 88.18 (score 87.86); idc at factor 2 85.54 and 85.58, 2.8 and 4.2
-under random. One seed.
-
-**Where the regimes meet.** PHI_LARGE was 0.05 (between the measured 0.02 and 0.1) until the
-test split showed dasm at IPC 200 (phi 0.033) 1.14 under the best baseline with the small-phi
-plan. One held-out point, its rule written first (``results/ablation-phi-200.json``), decided:
-at IPC 200 (phi 0.04) the large-phi plan beat the small-phi plan by 2.87 (>= 0.2), so
-PHI_LARGE became 0.03, the midpoint between 0.02 and 0.04. A second trial, its rule written
-first too (``results/ablation-phi-crossover.json``), ran both plans at phi 0.03 (IPC 150) and
-0.02 (IPC 100): the large-phi plan led by 1.77 and 1.45, so PHI_LARGE = 0.015, the midpoint
-between 0.01 and 0.02. A third (``results/ablation-phi-50.json``) ran both at phi 0.01 (IPC
-50): the small-phi plan led by 0.67 (81.91 against 81.24), so PHI_LARGE stays 0.015 and the
-crossover lies between the measured 0.01 and 0.02. One seed at each point.
-The test split reports, it did not choose (``results/accuracy-cpu.md``, 2 seeds): the large-phi
-plan 84.13 at IPC 100 (idc 83.31, the small-phi plan 83.43), 86.47 at IPC 200 (random 85.25,
-idc-f1 85.54, the small-phi plan 84.48), 88.66 at IPC 500 (random 87.91, idc-f1 87.64) and
-89.27 at IPC 1000 (random 89.29, idc-f1 88.92). At IPC 1000
-four classes of ten have fewer lacking images than the second half needs and are topped up at
-random (``topped_up`` in the ``segment_start`` log). Filling them by smallest margin instead
-(``dasm.lack_fill: margin``) scored +0.175 over the plain lack pool on the held-out split (88.99
-and 90.06 at IPC 500 and 1000), under the 0.2 its pre-written rule asked
-(``results/ablation-highipc-fill.json``), and +0.06 with a second seed (mean +0.12,
-``results/ablation-highipc-fill-2.json``): a switch, off by default.
+Segments: ``auto`` splits IPC >= ``AUTO_MIN_IPC`` into two segments (halves; an odd IPC gives
+the first segment the extra image). The numbers behind every constant, and what was tried and
+rejected, are in ``docs/experiments.md``; the measured grids are ``results/plan-size-grid.json``
+(the factor axis on 300-5000 images per class) and ``results/accuracy-cpu-holdout-highipc.md``
+(the pools at large phi).
 
 Rank pools are per-class difficulty ranks, easiest first, as fractions ``[lo, hi)`` of the
 class: segment ``k >= 1`` of ``K`` leaves out the easiest ``lo_k = easy_drop * k / (K - 1)``
 (``schedule: linear``; ``constant``: ``easy_drop``) and the hardest ``hard_drop``; lists give
-every segment's value. Lack pools are built by :func:`dasm.scoring.lack_pools`.
+every segment's value, and segment 0 always takes the full class. Lack pools are built by
+:func:`dasm.scoring.lack_pools`.
+
+The image step: ``match.lr_img`` is the step of the largest segment (IDC's rule scales it with
+IPC); a smaller segment gets it in proportion to its IPC, divided by its trainable share when
+``dasm.step_parity`` is on (:func:`plan`).
 """
 from __future__ import annotations
 
@@ -84,25 +40,31 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 AUTO = "auto"
-AUTO_MIN_IPC = 20  # segments: auto splits IPCs from here on into AUTO_SEGMENTS equal segments
+AUTO_MIN_IPC = 20  # segments: auto splits IPCs from here on into AUTO_SEGMENTS segments
 AUTO_SEGMENTS = 2
-PHI_LARGE = 0.015  # kept fraction from which the large-phi plan runs (table above)
-LARGE_PHI_LATER = {"dasm.pool": "lack", "dasm.match_init": "fresh"}  # later segments there
-LACK_KEYS = ("lack_margin", "tail_drop", "coverage", "lack_fill")  # read by lack pools only
+IPC_FACTOR1 = 100  # factor auto: full resolution from this many stored images per class on
+DECODED_SHARE = 0.25  # factor auto: 2 only while 4 x IPC decoded images are at most this share
+PHI_LARGE = 0.015  # kept fraction IPC / real-per-class from which later segments use LARGE_PHI_PLAN
+LARGE_PHI_PLAN = {"dasm.pool": "lack", "dasm.match_init": "fresh"}  # later segments there
+LACK_KEYS = ("lack_margin", "tail_drop", "coverage", "lack_fill", "pool_multiple")  # lack only
 
 
 def segment_sizes(ipc: int, segments) -> list[int]:
     """IPC of each segment. ``segments``: ``auto``, a count K, or per-segment IPCs.
 
-    auto: one segment (plain IDC) below IPC 20, else two equal halves (few, large segments:
-    each segment pays for a scorer, and small segments get small synthetic batches).
+    auto: one segment (plain IDC) below IPC 20, else two segments of ``ceil(ipc / 2)`` and
+    ``floor(ipc / 2)`` (few, large segments: each segment pays for a scorer, and small segments
+    get small synthetic batches). A count K must divide ``ipc``.
     """
     if segments == AUTO:
-        segments = AUTO_SEGMENTS if ipc >= AUTO_MIN_IPC and ipc % AUTO_SEGMENTS == 0 else 1
+        if ipc < AUTO_MIN_IPC:
+            return [ipc]
+        return [ipc - ipc // AUTO_SEGMENTS * (AUTO_SEGMENTS - 1)] + \
+            [ipc // AUTO_SEGMENTS] * (AUTO_SEGMENTS - 1)
     if isinstance(segments, int):
         if ipc % segments:
             raise ConfigError(f"config key 'dasm.segments': {segments} segments do not divide "
-                              f"synthetic.ipc={ipc}")
+                              f"synthetic.ipc={ipc} (give a list of per-segment IPCs instead)")
         return [ipc // segments] * segments
     if sum(segments) != ipc:
         raise ConfigError(f"config key 'dasm.segments': per-segment IPCs {segments} sum to "
@@ -116,13 +78,24 @@ def large_phi(ipc: int, real_per_class: int | None) -> bool:
     return bool(real_per_class) and ipc / real_per_class >= PHI_LARGE
 
 
+def auto_factor(ipc: int, real_per_class: int | None) -> int:
+    """Factor 2 while the set is small in storage (``ipc < IPC_FACTOR1``) and its decoded count
+    ``4 * ipc`` is at most ``DECODED_SHARE`` of the class; else 1. Unknown class size: the
+    storage bound alone."""
+    if ipc >= IPC_FACTOR1:
+        return 1
+    if real_per_class and 4 * ipc > DECODED_SHARE * real_per_class:
+        return 1
+    return 2
+
+
 def auto_plan(ipc: int, num_segments: int, real_per_class: int | None) -> dict[str, object]:
-    """The ``auto`` values of the plan for images of ordinary size: ``synthetic.factor``,
-    ``dasm.pool``, ``dasm.match_init`` (the table of the module docstring). One segment has
-    no later segment: its pool and networks are IDC's whatever phi is."""
-    large = large_phi(ipc, real_per_class)
-    later = LARGE_PHI_LATER if num_segments > 1 and large else {}
-    return {"synthetic.factor": 1 if large else 2, "dasm.pool": later.get("dasm.pool", "rank"),
+    """The ``auto`` values of the plan for images of ordinary size: ``synthetic.factor`` (by
+    storage), ``dasm.pool`` and ``dasm.match_init`` (by the kept fraction). One segment has no
+    later segment: its pool and networks are IDC's whatever phi is."""
+    later = LARGE_PHI_PLAN if num_segments > 1 and large_phi(ipc, real_per_class) else {}
+    return {"synthetic.factor": auto_factor(ipc, real_per_class),
+            "dasm.pool": later.get("dasm.pool", "rank"),
             "dasm.match_init": later.get("dasm.match_init", "fresh")}
 
 
@@ -174,8 +147,8 @@ def _per_segment(value, key: str, k: int, num_segments: int):
 
 def band_for(d, k: int, num_segments: int) -> tuple[float, float]:
     """``(easy_drop, hard_drop)`` of segment ``k`` from the ``dasm`` settings ``d``: the band
-    is ranks ``[easy_drop, 1 - hard_drop)``. Segment 0 (and any K = 1 run) takes the full pool
-    unless lists say otherwise."""
+    is ranks ``[easy_drop, 1 - hard_drop)``. Segment 0 (and any K = 1 run) takes the full pool;
+    a list giving it a band is refused."""
     def pick(value, key, ramp):
         if isinstance(value, list):
             return _per_segment(value, key, k, num_segments)
@@ -187,6 +160,10 @@ def band_for(d, k: int, num_segments: int) -> tuple[float, float]:
 
     easy = pick(d.easy_drop, "dasm.easy_drop", ramp=True)
     hard = pick(d.hard_drop, "dasm.hard_drop", ramp=False)
+    if k == 0 and (easy or hard):
+        key = "dasm.easy_drop" if easy else "dasm.hard_drop"
+        raise ConfigError(f"config key '{key}' lists {easy if easy else hard} for segment 1, "
+                          f"which always takes the full class (give 0 there)")
     if easy + hard >= 1.0:
         raise ConfigError(f"config keys 'dasm.easy_drop' + 'dasm.hard_drop' leave no band at "
                           f"segment {k + 1}: {easy} + {hard} >= 1")
@@ -260,9 +237,10 @@ def plan(cfg) -> list[Segment]:
 
     The image step: IDC at any IPC N moves an image, per step and in expectation, by
     lr(N) x P(sampled) / batch = (base N / 10) x (B / (N f^2)) / B = base / (10 f^2). A segment
-    of IPC n whose batch holds b_t trainable and b_f frozen decoded images moves one by
+    of IPC n takes lr(n) = lr_img x n / n_max (``match.lr_img`` is the largest segment's
+    step); when its batch holds b_t trainable and b_f frozen decoded images it moves one by
     lr(n) x (b_t / (n f^2)) / (b_t + b_f) = share x base / (10 f^2), share = b_t / (b_t + b_f);
-    ``step_parity`` divides lr_img by the share, restoring IDC's movement.
+    ``step_parity`` divides lr(n) by the share, restoring IDC's movement.
     """
     d, m = cfg.dasm, cfg.match
     sizes = segment_sizes(cfg.synthetic.ipc, d.segments)
@@ -277,10 +255,11 @@ def plan(cfg) -> list[Segment]:
         frozen = sum(sizes[j] * fs[j] ** 2 for j in range(k))
         batch = synthetic_batch(m, size * fs[k] ** 2, frozen)
         share = batch[0] / (batch[0] + batch[1])
+        lr = m.lr_img * size / max(sizes)  # IDC's step scales with the segment's own IPC
         out.append(Segment(k, size, sum(sizes[:k]), fs[k], d.pool if k else "rank", easy, hard,
                            d.match_init if k else "fresh",
                            iterations_for(d, m.iterations, k, K), batch,
-                           m.lr_img * (1.0 / share) if d.step_parity else m.lr_img))
+                           lr / share if d.step_parity else lr))
     return out
 
 

@@ -6,12 +6,16 @@
 key                    rule
 =====================  =================================================================
 device                 cuda when a CUDA device is present, else cpu
-dasm.segments          the number of segments ``segments: auto`` gives (dasm.plan)
-synthetic.factor       1 for images under 16 px (8x8 digits lose 21 points with 2); else by the
-                       kept fraction phi (dasm.plan.auto_plan): 2 (IDC) at small phi, 1 at large
+dasm.segments          what ``segments: auto`` gives (dasm.plan): a count of equal segments,
+                       or the per-segment list of an odd IPC (11 + 10)
+synthetic.factor       1 for images under 16 px (8x8 digits lose 21 points with 2); else by
+                       storage (dasm.plan.auto_factor): 2 (IDC) while IPC < 100 and 4 x IPC is
+                       at most a quarter of the class, else 1
 dasm.pool              rank when a band (easy_drop, hard_drop) is set; else rank (full pools)
-                       at small phi or K = 1; at large phi dasm.plan.LARGE_PHI_LATER
-dasm.match_init        fresh at small phi or K = 1; at large phi dasm.plan.LARGE_PHI_LATER
+                       at small phi or K = 1; at large phi dasm.plan.LARGE_PHI_PLAN. Where it
+                       resolves to rank, lack-pool keys (dasm.plan.LACK_KEYS) shape nothing and
+                       are reset to their defaults, so the saved config says what ran
+dasm.match_init        fresh at small phi or K = 1; at large phi dasm.plan.LARGE_PHI_PLAN
 match.metric           l1 for MNIST-likes, mse otherwise
 match.lr_img           1e-4 (MNIST-likes) or 5e-3, x (ipc/10) x (size/base)^2 x lr_img_scale;
                        base 28 for MNIST, 32 otherwise; ipc: the largest segment's
@@ -31,11 +35,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .config import AUTO, Config, from_dict
+from .config import AUTO, Config, DasmConfig, from_dict
 from .data import MNIST_LIKE, NO_FLIP
 from .dsa import Strategy
 from .errors import ConfigError
-from .plan import auto_plan, band_set, segment_sizes
+from .plan import LACK_KEYS, auto_plan, band_set, segment_sizes
 
 
 IDC_TABLE = {"mnist": (True, 28), "mnist5k": (True, 28), "fashion-mnist": (True, 32),
@@ -99,10 +103,15 @@ def _plan_rule(key: str) -> "Rule":
     return rule
 
 
+def _auto_segments(ipc: int) -> int | list[int]:
+    sizes = segment_sizes(ipc, AUTO)
+    return len(sizes) if len(set(sizes)) == 1 else sizes
+
+
 Rule = Callable[[dict, DataFacts], Any]
 RULES: list[tuple[str, Rule]] = [
     ("device", lambda d, f: "cuda" if f.cuda else "cpu"),
-    ("dasm.segments", lambda d, f: len(segment_sizes(d["synthetic"]["ipc"], AUTO))),
+    ("dasm.segments", lambda d, f: _auto_segments(d["synthetic"]["ipc"])),
     ("synthetic.factor", _plan_rule("synthetic.factor")),
     ("dasm.pool", _plan_rule("dasm.pool")),
     ("dasm.match_init", _plan_rule("dasm.match_init")),
@@ -135,6 +144,8 @@ def resolve(cfg: Config, dataset_name: str, image_size: tuple[int, int], cuda: b
         node, leaf = _node(d, key)
         if node[leaf] == AUTO:
             node[leaf] = rule(d, facts)
+            if key == "dasm.pool" and node[leaf] == "rank":
+                node.update({k: getattr(DasmConfig, k) for k in LACK_KEYS})
     for key in STRATEGY_KEYS:
         node, leaf = _node(d, key)
         Strategy.parse(node[leaf], key)

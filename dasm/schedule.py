@@ -12,7 +12,8 @@
                 pool = lack: per class the real images f_k misclassifies or holds with margin
                              < lack_margin, minus the hardest tail_drop by loss, plus a seeded
                              coverage share of the rest (topped up to what the init needs:
-                             at random, or lack_fill margin: by smallest margin first)
+                             at random, or lack_fill margin: by smallest margin first), and
+                             never under pool_multiple x what the init draws
                        rank: the difficulty ranks [easy_drop_k, 1 - hard_drop) (full: 0, 0)
                 networks = conditioned: every condition_every outer iterations a fresh network
                              trained condition_epochs on decoded S_<k starts the iteration
@@ -122,7 +123,8 @@ def _pools_and_starts(cfg: Config, ds: Dataset, seg: Segment, earlier: torch.Ten
             scores = score_dataset(scorer, ds)
             if seg.pool == "lack":
                 pools, stats = lack_pools(scores, class_index, d.lack_margin, d.tail_drop,
-                                          d.coverage, need, ~used, gen, d.lack_fill)
+                                          d.coverage, need, ~used, gen, d.lack_fill,
+                                          d.pool_multiple)
             else:
                 pools = band_pools(difficulty(scores, d.score), class_index, seg.easy_drop,
                                    seg.hard_drop, ds.classes)

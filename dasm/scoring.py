@@ -90,7 +90,8 @@ def band_pools(hardness: torch.Tensor, class_index: list[torch.Tensor], easy_dro
 
 def lack_pools(scores: dict[str, torch.Tensor], class_index: list[torch.Tensor],
                lack_margin: float, tail_drop: float, coverage: float, need: int,
-               free: torch.Tensor, generator: torch.Generator, fill: str = "random"):
+               free: torch.Tensor, generator: torch.Generator, fill: str = "random",
+               multiple: float = 1.0):
     """Per class, the real images a network trained on S_<k lacks (DASM's pool of segment k).
 
     scores: ``{"loss", "margin"} -> [N]`` under that network; free: ``[N]`` bool, images no
@@ -99,7 +100,10 @@ def lack_pools(scores: dict[str, torch.Tensor], class_index: list[torch.Tensor],
     ``lacking`` = margin below ``lack_margin``, outside the tail; ``rest`` = neither. The pool is
     ``lacking`` plus a seeded random share of ``rest`` of size
     ``ceil(coverage / (1 - coverage) * |lacking|)`` (so ``coverage`` is the rest's share of the
-    pool), topped up from the rest, in the same seeded order, until it holds ``need`` free images.
+    pool), topped up from the rest, in the same seeded order, until it holds ``need`` free images
+    and at least ``ceil(multiple * need)`` images in all (or every image outside the tail): with
+    ``multiple > 1`` the real batches of the matching never come only from the images the init
+    draws, even in a class the network already holds firmly.
 
     ``fill`` says what a class with too few lacking images gets (a class the network already
     holds firmly, common at large IPC): ``random``: the random top-up above; ``margin``: first
@@ -131,9 +135,15 @@ def lack_pools(scores: dict[str, torch.Tensor], class_index: list[torch.Tensor],
         share = min(len(rest), math.ceil(coverage / (1 - coverage) * int(lacking.sum())))
         chosen = lacking.clone()
         chosen[rest[:share]] = True
+        left = rest[share:]
         short = need - int((chosen & is_free).sum())
-        extra = rest[share:][is_free[rest[share:]]][:max(short, 0)]
+        extra = left[is_free[left]][:max(short, 0)]
         chosen[extra] = True
+        short = math.ceil(multiple * need) - int(chosen.sum())
+        if short > 0:  # the pool's floor: a multiple of the init (free or not, seeded order)
+            more = left[~chosen[left]][:short]
+            chosen[more] = True
+            extra = torch.cat([extra, more])
         pools.append(idx[chosen])
         counts = (threshold_count, int(lacking.sum()) - threshold_count, share, len(extra))
         for key, v in zip(stats, counts):

@@ -226,7 +226,7 @@ def train_scorer(cfg, dataset: Dataset, images: torch.Tensor, labels: torch.Tens
 
     def keep(epoch, model):
         if epoch in marks:
-            saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            saved.append(host_state(model))
 
     model = train_new(model_options(cfg.model), images, labels, dataset,
                       TrainSettings.from_eval(cfg.eval, epochs), generator, device, progress,
@@ -240,11 +240,17 @@ def train_conditioned(cfg, dataset: Dataset, images: torch.Tensor, labels: torch
     """The starts of a segment's conditioned matching networks (SeqMatch, PDD): ``count`` fresh
     networks of the matching architecture, each trained ``dasm.condition_epochs`` epochs on the
     decoded earlier segments ``images``/``labels`` by the evaluation protocol. Returns their
-    state dicts."""
+    state dicts, on the host (a segment holds ``count`` of them; each outer iteration loads
+    one onto the device)."""
     settings = TrainSettings.from_eval(cfg.eval, cfg.dasm.condition_epochs)
-    return [train_new(model_options(cfg.model), images, labels, dataset, settings, generator,
-                      device, progress, desc=f"condition {j + 1}/{count}",
-                      data_parallel=True).state_dict() for j in range(count)]
+    return [host_state(train_new(model_options(cfg.model), images, labels, dataset, settings,
+                                 generator, device, progress, desc=f"condition {j + 1}/{count}",
+                                 data_parallel=True)) for j in range(count)]
+
+
+def host_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state dict on the CPU, sharing no storage with the model."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def equal_step_epochs(epochs: int, stored: int, decoded: int) -> int:

@@ -12,13 +12,15 @@ from dasm import SyntheticSet, rng, schedule
 from dasm.data import to_float
 from dasm.errors import ConfigError, RunDirError
 from dasm.matching import Matcher
-from dasm.plan import PHI_LARGE, Segment, auto_plan, band_for, plan, segment_sizes
+from dasm.config import DasmConfig
+from dasm.plan import (DECODED_SHARE, IPC_FACTOR1, PHI_LARGE, Segment, auto_factor, auto_plan,
+                       band_for, plan, segment_sizes)
 from dasm.rules import resolve, resolve_for
 from dasm.rundir import RunDir
 from dasm.schedule import distill
 from dasm.scoring import band_pools, difficulty, lack_pools, score_dataset
 from dasm.synthetic import init_mix
-from dasm.train import train_scorer
+from dasm.train import host_state, train_scorer
 
 from conftest import smoke_config
 
@@ -96,33 +98,124 @@ def test_plan_sizes_budgets_and_auto_segments():
 LARGE_PHI_LATER_SEGMENTS = ("lack", "fresh")
 
 
-def test_plan_follows_the_kept_fraction():
-    """auto: IDC-like below PHI_LARGE, factor 1 and LARGE_PHI_LATER for later segments from it on;
-    one segment stays IDC whatever phi is; a band asked for keeps rank pools."""
+def test_factor_follows_storage_not_the_kept_fraction():
+    """The factor reads the set's size (IPC < 100) and its decoded share of the class
+    (4 IPC <= 0.25 n), never phi alone: a 400-per-class set at IPC 10 (phi 0.025) keeps IDC's
+    factor 2, which a phi rule threw away (results/plan-size-grid.json)."""
+    cases = {(10, 400): 2, (50, 400): 1, (10, 300): 2, (50, 300): 1, (50, 1000): 2,
+             (62, 1000): 2, (63, 1000): 1, (99, 100000): 2, (100, 100000): 1,
+             (50, None): 2, (100, None): 1}
+    assert {k: auto_factor(*k) for k in cases} == cases
+    # full Fashion-MNIST (6000 per class; 5000 held-out): the measured curve's factors
+    assert [auto_factor(n, real) for real in (6000, 5000) for n in (10, 50, 100, 200, 500, 1000)] \
+        == [2, 2, 1, 1, 1, 1] * 2
+    assert (IPC_FACTOR1, DECODED_SHARE) == (100, 0.25)
+
+
+def test_pools_follow_the_kept_fraction():
+    """Later segments draw lack pools with fresh networks from phi = PHI_LARGE on, full pools
+    below; one segment stays IDC whatever phi is; a band asked for keeps rank pools."""
     assert auto_plan(50, 2, 6000) == {"synthetic.factor": 2, "dasm.pool": "rank",
                                       "dasm.match_init": "fresh"}
     pool, init = LARGE_PHI_LATER_SEGMENTS
     assert auto_plan(1000, 2, 6000) == {"synthetic.factor": 1, "dasm.pool": pool,
                                         "dasm.match_init": init}
+    assert auto_plan(50, 2, 1000) == {"synthetic.factor": 2, "dasm.pool": pool,
+                                      "dasm.match_init": init}  # the two axes apart
     assert auto_plan(1000, 1, 6000)["dasm.pool"] == "rank"
     edge = math.ceil(PHI_LARGE * 6000)
-    assert auto_plan(edge, 2, 6000)["synthetic.factor"] == 1
-    assert auto_plan(edge - 2, 2, 6000)["synthetic.factor"] == 2
-    assert auto_plan(1000, 2, None)["synthetic.factor"] == 2  # size unknown: small phi
-    # results/ablation-phi-200.json, -crossover.json and -50.json: IPC 100-200 of 5000
-    # (held-out) and of 6000 (test) run the large-phi plan, IPC 50 of 5000 and 6000 the small
-    assert [auto_plan(n, 2, real)["synthetic.factor"] for n, real in
-            ((200, 5000), (200, 6000), (150, 5000), (100, 5000), (100, 6000), (50, 5000),
-             (50, 6000))] == [1, 1, 1, 1, 1, 2, 2]
+    assert auto_plan(edge, 2, 6000)["dasm.pool"] == "lack"
+    assert auto_plan(edge - 1, 2, 6000)["dasm.pool"] == "rank"
+    assert auto_plan(1000, 2, None)["dasm.pool"] == "rank"  # size unknown: small phi
     small, large = resolved(*SEG, real_per_class=4000), resolved(*SEG)
     assert (small.dasm.pool, small.dasm.match_init) == ("rank", "fresh")
     assert (large.dasm.pool, large.dasm.match_init) == LARGE_PHI_LATER_SEGMENTS
     assert resolved(*BAND).dasm.pool == "rank"
     with pytest.raises(ConfigError, match="'dasm.pool' is lack"):
         smoke_config(*SEG, "dasm.pool=lack", "dasm.easy_drop=0.2")
-    # images under 16 px keep factor 1 at any phi
+    # images under 16 px keep factor 1 at any size
     assert resolve(smoke_config("synthetic.factor=auto"), "digits", (8, 8), False, 1,
                    10000).synthetic.factor == 1
+
+
+def test_lack_keys_apply_where_auto_picks_lack_pools():
+    """Under dasm.pool: auto, lack-pool keys are accepted at any phi: kept where the plan picks
+    lack pools, reset (they shape nothing) where it picks rank; an explicit rank refuses them."""
+    keys = (*SEG, "dasm.pool=auto", "dasm.lack_margin=0.5", "dasm.pool_multiple=3")
+    large, small = resolved(*keys), resolved(*keys, real_per_class=4000)
+    assert (large.dasm.pool, large.dasm.lack_margin, large.dasm.pool_multiple) == ("lack", 0.5, 3)
+    assert (small.dasm.pool, small.dasm.lack_margin, small.dasm.pool_multiple) == ("rank", 1.0, 2)
+    assert small.identity() == resolved(*SEG, real_per_class=4000).identity()
+    with pytest.raises(ConfigError, match="'dasm.lack_margin' shapes lack pools"):
+        smoke_config(*SEG, "dasm.pool=rank", "dasm.lack_margin=0.5")
+
+
+def test_odd_ipc_splits_into_two_segments():
+    """segments auto: an odd IPC from 20 on runs as two segments, the first one larger, and the
+    resolved config says so."""
+    assert segment_sizes(21, "auto") == [11, 10]
+    cfg = resolved("synthetic.ipc=21", "data.train_per_class=40")
+    assert cfg.dasm.segments == [11, 10] and [s.ipc for s in plan(cfg)] == [11, 10]
+    assert resolved("synthetic.ipc=20").dasm.segments == 2
+
+
+def test_uneven_segments_step_as_idc_at_their_own_ipc():
+    """match.lr_img (auto: IDC's rule at the largest segment's IPC) is scaled to each
+    segment's IPC: the 1/4 segment of a 3/4 + 1/4 split steps as IDC at that IPC, not 3x."""
+    split = plan(resolved("synthetic.ipc=8", "dasm.segments=[6,2]"))
+    idc2 = resolved("synthetic.ipc=2", "dasm.segments=1").match.lr_img
+    idc6 = resolved("synthetic.ipc=6", "dasm.segments=1").match.lr_img
+    assert split[0].lr_img == pytest.approx(idc6, rel=1e-12)
+    assert split[1].lr_img * split[1].trainable_share == pytest.approx(idc2, rel=1e-12)
+
+
+def test_a_band_for_segment_one_is_refused():
+    """Segment 1 always takes the full class: a per-segment list giving it a band was checked
+    and then ignored; now it is refused, naming the key."""
+    with pytest.raises(ConfigError, match="'dasm.easy_drop' lists 0.2 for segment 1"):
+        band_for(smoke_config(*SEG, "dasm.easy_drop=[0.2,0.3]").dasm, 0, 2)
+    with pytest.raises(ConfigError, match="'dasm.hard_drop' lists 0.1 for segment 1"):
+        plan(resolved(*SEG, "dasm.pool=rank", "dasm.hard_drop=[0.1,0.1]"))
+
+
+def test_lack_pool_never_collapses_onto_its_init():
+    """A class the scorer holds firmly (no lacking image): the pool is topped up to
+    dasm.pool_multiple (default) x what the init draws, so the segment's real batches never come
+    only from its own starting images (the IPC 1000 failure: 4 classes of 10)."""
+    n, need = 40, 6
+    loss, margin = torch.linspace(0, 1, n), torch.full((n,), 8.0)  # every image held firmly
+    free = torch.ones(n, dtype=torch.bool)
+    multiple = DasmConfig().pool_multiple
+    assert multiple >= 2
+    pools, stats = lack_pools({"loss": loss, "margin": margin}, [torch.arange(n)], 1.0, 0.05,
+                              0.3, need, free, torch.Generator().manual_seed(0),
+                              multiple=multiple)
+    assert stats["lacking"] == [0] and len(pools[0]) >= math.ceil(multiple * need)
+    assert n - 1 not in pools[0].tolist()  # the loss tail stays out (int(0.05 * 40) = 2)
+    seg = Segment(1, need, 0, 1, "lack", 0.0, 0.0, "fresh", 1, (need, 0), 1.0)
+    used = torch.zeros(n, dtype=torch.bool)
+    ds = type("D", (), {"classes": ["a"], "channels": 1, "image_size": (2, 2),
+                        "train_images": torch.zeros(n, 1, 2, 2, dtype=torch.uint8)})()
+    schedule._init_images(ds, pools, used, seg, need, torch.Generator().manual_seed(1))
+    outside = set(pools[0].tolist()) - set(used.nonzero().flatten().tolist())
+    assert len(outside) >= need  # at least as many real images to match as the init took
+    # the floor stops at the class: a pool never takes the tail to reach it
+    small = lack_pools({"loss": loss[:10], "margin": margin[:10]}, [torch.arange(10)], 1.0,
+                       0.1, 0.3, 6, free[:10], torch.Generator().manual_seed(0), multiple=4)[0]
+    assert sorted(small[0].tolist()) == list(range(9))
+
+
+def test_state_dicts_kept_for_later_are_host_copies():
+    """Scorer snapshots and conditioned networks are kept for a whole segment: copies on the
+    CPU that share no storage with the network they came from."""
+    net = torch.nn.Linear(3, 2)
+    state = host_state(net)
+    assert all(v.device.type == "cpu" for v in state.values())
+    assert all(v.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+               for v, p in zip(state.values(), net.state_dict().values()))
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    assert not torch.equal(state["weight"], net.weight)
 
 
 def test_plan_derives_the_image_step_once():
