@@ -1,4 +1,4 @@
-"""Every relative link of the README and the docs points to a file of the checkout, and every
+"""Every relative link of the READMEs and the docs points to a file of the checkout, and every
 in-page anchor (``#section``) to a heading of the page it names."""
 import pathlib
 import re
@@ -6,7 +6,7 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-PAGES = sorted([ROOT / "README.md", ROOT / "results" / "README.md", *ROOT.glob("docs/*.md")])
+PAGES = sorted([ROOT / "README.md", *ROOT.glob("results/**/README.md"), *ROOT.glob("docs/*.md")])
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
