@@ -88,9 +88,16 @@ METHODS = {
     "dasm-no-band": {**V2, "dasm.easy_drop": 0.0, "dasm.hard_drop": 0.0},
     "dasm-no-parity": {**V2, "dasm.step_parity": False},
     "dasm-k3": {"dasm.segments": 3},  # three segments (IPC divisible by 3: near-equal list)
+    # the difficulty window (results/ablation-window.json): the easiest 30 % of each class by a
+    # cross-fitted network left out of every pool and init, or of later segments only; and
+    # the window alone as a real coreset (a baseline: no matching)
+    "dasm-window": {"dasm.window_easy": 0.3},
+    "dasm-window-later": {"dasm.window_easy": 0.3, "dasm.window_first": False},
+    "window": None,
     "easy": None,
     "hard": None,
 }
+SUBSET_SETTINGS = {"window": {"dasm.window_easy": 0.3}}  # settings of real-subset baselines
 CONTENDERS = ("random", "idc", "idc-f1", "idc-compute", "dasm")
 BASELINES = ("random", "idc", "idc-f1")  # dasm is compared with the best of them
 
@@ -108,7 +115,7 @@ def load_profile(path: str, overrides: list[str], holdout: bool):
 def run_config(base, method: str, ipc: int, seed: int):
     """The config of ``method`` at ``ipc`` and distillation ``seed``."""
     cfg = base.replace(**{"synthetic.ipc": ipc, "seed": seed})
-    over = dict(METHODS[method] or {})
+    over = dict(METHODS[method] or SUBSET_SETTINGS.get(method, {}))
     if method == "dasm-k3":
         over["dasm.segments"] = [ipc - 2 * (ipc // 3), ipc // 3, ipc // 3]
     if method == "dasm-split":

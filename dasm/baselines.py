@@ -5,6 +5,8 @@ random   a seeded random draw per class
 easy     the lowest-loss images per class under a network trained on the full training set
 hard     the highest-loss images per class under that network
 herding  greedy herding (Welling 2009) in that network's penultimate feature space
+window   a seeded random draw per class from the difficulty window (dasm.window_easy /
+         window_hard, :mod:`dasm.window`): the coreset DASM's window alone gives
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from .errors import ConfigError
 from .scoring import score_dataset
 from .synthetic import SyntheticSet
 from .train import TrainSettings, eval_model_spec, train_new
+from .window import class_windows, window_set
 
-METHODS = ("random", "easy", "hard", "herding")
+METHODS = ("random", "easy", "hard", "herding", "window")
 
 
 def subset_set(ds: Dataset, picks: list[torch.Tensor], method: str, seed: int) -> SyntheticSet:
@@ -32,8 +35,12 @@ def subset_set(ds: Dataset, picks: list[torch.Tensor], method: str, seed: int) -
                         {"method": method, "seed": seed})
 
 
-def random_picks(ds: Dataset, ipc: int, generator: torch.Generator) -> list[torch.Tensor]:
-    return [idx[torch.randperm(len(idx), generator=generator)[:ipc]] for idx in ds.class_index()]
+def random_picks(ds: Dataset, ipc: int, generator: torch.Generator,
+                 classes: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Per class, ``ipc`` indices drawn without replacement from ``classes[c]`` (default: the
+    whole class)."""
+    return [idx[torch.randperm(len(idx), generator=generator)[:ipc]]
+            for idx in (classes or ds.class_index())]
 
 
 def full_data_model(cfg: Config, ds: Dataset, epochs: int | None = None,
@@ -95,6 +102,16 @@ def select_subset(method: str, cfg: Config, ds: Dataset, reference_model: nn.Mod
     if method == "random":
         return subset_set(ds, random_picks(ds, ipc, rng.generator(cfg.seed, "random")), method,
                           cfg.seed)
+    if method == "window":
+        if not window_set(cfg.dasm):
+            raise ConfigError("baseline 'window' needs a window: set dasm.window_easy or "
+                              "dasm.window_hard")
+        windows = class_windows(cfg, ds, cfg.device, progress)
+        short = [ds.classes[c] for c, w in enumerate(windows) if len(w) < ipc]
+        if short:
+            raise ConfigError(f"synthetic.ipc={ipc} exceeds the window of class {short[0]!r}")
+        return subset_set(ds, random_picks(ds, ipc, rng.generator(cfg.seed, "random"), windows),
+                          method, cfg.seed)
     model = reference_model or full_data_model(cfg, ds, epochs, progress)
     picks = herding_picks(ds, ipc, model) if method == "herding" else \
         loss_picks(ds, ipc, model, hardest=method == "hard")

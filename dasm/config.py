@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -19,7 +18,8 @@ from typing import Any, List, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import ConfigError
-from .plan import AUTO, LACK_KEYS, check_plan_keys
+from .plan import AUTO, LACK_KEYS
+from .validation import FRACTIONS, NON_NEGATIVE, POSITIVE, validate  # noqa: F401 (re-exported)
 
 
 def _choice(default, *choices):
@@ -109,6 +109,13 @@ class DasmConfig:
     # lack pools: the pool holds at least this many times the images the segment's init draws
     # (or the whole class without its tail), so real batches never come only from the init
     pool_multiple: float = 2.0
+    # the difficulty window (dasm.window): per class, ranks [window_easy, 1 - window_hard) of the
+    # loss under a cross-fitted network (window_epochs on the other half of the class) bound
+    # every pool and init; window_first: segment 1 draws from it too (else later segments only)
+    window_easy: float = 0.0
+    window_hard: float = 0.0
+    window_epochs: int = 8
+    window_first: bool = True
     scorer_epochs: int = 300
     # matching networks of k >= 2 (auto: dasm.plan's rule): fresh (IDC); conditioned = a fresh
     # network trained condition_epochs on decoded S_<k, a new one every condition_every outer
@@ -204,7 +211,9 @@ IDENTITY_EXCLUDES = ("runtime", "dist")
 # it existed keeps its identity (and a sweep reuses it); any other value enters the hash.
 IDENTITY_SINCE = {"dasm.pool": "rank", "dasm.lack_margin": 1.0, "dasm.tail_drop": 0.05,
                   "dasm.coverage": 0.3, "dasm.condition_every": 2, "dasm.condition_epochs": 5,
-                  "dasm.lack_fill": "random", "dasm.pool_multiple": 1.0}
+                  "dasm.lack_fill": "random", "dasm.pool_multiple": 1.0,
+                  "dasm.window_easy": 0.0, "dasm.window_hard": 0.0, "dasm.window_epochs": 8,
+                  "dasm.window_first": True}
 BENCHMARK_SECTION = "benchmark"  # in profile files: the benchmark's settings, ignored by runs
 
 
@@ -358,59 +367,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     merged = dict(extra or {})
     merged.update(parse_overrides(overrides))
     return from_dict(with_overrides(data, merged))
-
-
-# ------------------------------------------------------------------- validation
-# Range checks that need no dataset, by dotted key. Counts are > 0; where 0 means something
-# (all, auto, off) they are >= 0; fractions (a number or one per segment) lie in [0, 1).
-POSITIVE = ("synthetic.ipc", "match.iterations", "match.inner_steps", "match.batch_real",
-            "match.batch_syn", "match.net_batch", "match.memory_budget_mb", "match.frozen_chunk",
-            "match.log_every", "match.lr_img_scale", "model.depth", "model.width",
-            "dasm.scorer_epochs", "dasm.condition_every", "dasm.condition_epochs",
-            "dasm.warm_starts", "eval.epochs", "eval.batch", "eval.repeats", "eval.test_batch",
-            "dist.timeout_s")
-NON_NEGATIVE = ("match.n_data", "match.class_chunk", "match.frozen_per_class",
-                "data.train_per_class", "data.holdout_per_class", "data.test_limit",
-                "data.image_size", "runtime.threads")
-FRACTIONS = ("dasm.easy_drop", "dasm.hard_drop", "dasm.tail_drop", "dasm.coverage")
-
-
-def _get(cfg: Config, key: str):
-    return functools.reduce(getattr, key.split("."), cfg)
-
-
-def _interval(cfg: Config, key: str, lo: float, hi: float, closed: bool) -> None:
-    v = _get(cfg, key)
-    if not (lo <= v <= hi if closed else lo <= v < hi):
-        bracket = "]" if closed else ")"
-        raise ConfigError(f"config key '{key}' must lie in [{lo:g}, {hi:g}{bracket}, got {v}")
-
-
-def validate(cfg: Config) -> None:
-    """Range checks that do not need the dataset. Raises ConfigError naming the key."""
-    if not 0 <= cfg.seed < 2 ** 63:
-        raise ConfigError(f"config key 'seed' must lie in [0, 2^63), got {cfg.seed}")
-    for keys, zero_ok in ((POSITIVE, False), (NON_NEGATIVE, True)):
-        for key in keys:
-            v = _get(cfg, key)
-            if v < 0 or (v == 0 and not zero_ok):
-                raise ConfigError(f"config key '{key}' must be {'>= 0' if zero_ok else '> 0'}, "
-                                  f"got {v}")
-    for key in FRACTIONS:
-        value = _get(cfg, key)
-        for v in value if isinstance(value, list) else [value]:
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"config key '{key}' must lie in [0, 1), got {v}")
-    if cfg.dasm.pool_multiple < 1:
-        raise ConfigError(f"config key 'dasm.pool_multiple' must be >= 1 (the pool holds at least "
-                          f"the images its init draws), got {cfg.dasm.pool_multiple}")
-    _interval(cfg, "match.mom_img", 0.0, 1.0, closed=False)
-    _interval(cfg, "match.net_cutmix", 0.0, 1.0, closed=True)
-    _interval(cfg, "eval.cutmix", 0.0, 1.0, closed=True)
-    lr = cfg.match.lr_img
-    if isinstance(lr, str) and lr != AUTO or not isinstance(lr, str) and lr <= 0:
-        raise ConfigError(f"config key 'match.lr_img' must be a number > 0 or 'auto', got {lr!r}")
-    if cfg.data.channels not in (0, 1, 3):
-        raise ConfigError(f"config key 'data.channels' must be 0 (auto), 1 or 3, "
-                          f"got {cfg.data.channels}")
-    check_plan_keys(cfg)

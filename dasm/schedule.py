@@ -3,13 +3,16 @@
 ::
 
     S_<1 = {}
-    plan (dasm.plan, from the kept fraction phi): per segment its IPC, factor, pool rule,
-         matching networks, budget and image step
+    plan (dasm.plan: the factor by storage, the pools by the kept fraction phi): per segment
+         its IPC, factor, pool rule, matching networks, budget and image step
+    window (dasm.window, when window_easy or window_hard is set): per class, the difficulty
+         ranks a cross-fitted network puts inside [window_easy, 1 - window_hard); else the class
     for segment k = 1..K:
-        k == 1: pool_k = every real image of the class; fresh matching networks (IDC)
+        k == 1: pool_k = the window (window_first; else the class); fresh networks (IDC)
         k >= 2, when its pool or networks need one:
                 f_k = the matching architecture trained on decoded S_<k (dasm.scorer_epochs)
-                pool = lack: per class the real images f_k misclassifies or holds with margin
+                pool, inside the window:
+                       lack: per class the real images f_k misclassifies or holds with margin
                              < lack_margin, minus the hardest tail_drop by loss, plus a seeded
                              coverage share of the rest (topped up to what the init needs:
                              at random, or lack_fill margin: by smallest margin first), and
@@ -44,6 +47,7 @@ from .rundir import prepare
 from .scoring import band_pools, difficulty, lack_pools, score_dataset
 from .synthetic import SyntheticSet, frozen_view, initialise, real_needed, save_grid
 from .train import train_conditioned, train_scorer
+from .window import class_windows, window_set
 
 
 def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset | None = None,
@@ -67,12 +71,17 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
             if ctx.is_main and not run.grid(seg.index + 1).exists():
                 save_grid(stored[:, seg.start:seg.start + seg.ipc], run.grid(seg.index + 1))
     matcher = Matcher(cfg, ds, device, gen, log=run.log, progress=progress)
+    window = class_windows(cfg, ds, device, progress) if segments[done:] else None
+    if window_set(d):
+        run.log({"event": "window", "easy": d.window_easy, "hard": d.window_hard,
+                 "sizes": [len(w) for w in window]})
     for seg in segments[done:]:
         t0 = time.perf_counter()
         earlier = stored[:, :seg.start]
         need = real_needed(cfg.synthetic.init, seg.ipc, seg.factor)
+        classes = window if seg.index or d.window_first else ds.class_index()
         pools, starts, pool_stats = _pools_and_starts(cfg, ds, seg, earlier, sizes, factors, used,
-                                                      need, gen, device, progress)
+                                                      need, gen, device, progress, classes)
         init = initialise(cfg.synthetic.init, _init_images(ds, pools, used, seg, need, gen), C,
                           seg.ipc, ds.channels, ds.image_size, seg.factor, gen)
         net_pool = torch.arange(ds.train_images.shape[0]) if d.net_data == "full" \
@@ -107,10 +116,12 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
 
 def _pools_and_starts(cfg: Config, ds: Dataset, seg: Segment, earlier: torch.Tensor,
                       sizes: list[int], factors: list[int], used: torch.Tensor, need: int,
-                      gen: torch.Generator, device, progress: bool):
+                      gen: torch.Generator, device, progress: bool,
+                      class_index: list[torch.Tensor]):
     """Segment ``seg``'s per-class pools, the states its matching networks start from (None:
-    fresh) and the pool's statistics for the log. ``earlier``: the stored segments before it."""
-    d, class_index = cfg.dasm, ds.class_index()
+    fresh) and the pool's statistics for the log. ``earlier``: the stored segments before it;
+    ``class_index``: per class, the real images the segment may draw from (its window)."""
+    d = cfg.dasm
     pools, starts, stats = list(class_index), None, {}
     if seg.index == 0 or not (seg.needs_scorer or seg.match_init == "conditioned"):
         return pools, starts, stats

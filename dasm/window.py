@@ -1,0 +1,55 @@
+"""The difficulty window: the real images of each class a run draws from, its ends measured by
+a cross-fitted network (each image scored by a network that never saw it).
+
+Every class is split in two seeded halves; a network of the matching architecture trains
+``dasm.window_epochs`` on one half of every class (the evaluation protocol) and scores the
+other, and the other way round. Per class, the window is the difficulty ranks
+``[window_easy, 1 - window_hard)`` of that loss (easiest first): ``window_easy`` cuts redundant
+easy images, ``window_hard`` outliers and doubtful labels.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import rng
+from .data import Dataset
+from .models import model_options
+from .scoring import band_pools, score_images
+from .train import TrainSettings, train_new
+
+
+def window_set(d) -> bool:
+    """Whether the ``dasm`` settings ``d`` ask for a window."""
+    return bool(d.window_easy or d.window_hard)
+
+
+def cross_fitted_loss(cfg, ds: Dataset, device, progress: bool = False) -> torch.Tensor:
+    """``[N]`` float32: every training image's loss under the network trained on the half of
+    its class it is not in. Seeded by ``cfg.seed`` alone (``rng.generator(seed, "window")``),
+    so a resumed run measures the same window."""
+    gen = rng.generator(cfg.seed, "window")
+    halves = [[], []]
+    for idx in ds.class_index():
+        perm = idx[torch.randperm(len(idx), generator=gen)]
+        halves[0].append(perm[:len(idx) // 2])
+        halves[1].append(perm[len(idx) // 2:])
+    halves = [torch.cat(h) for h in halves]
+    settings = TrainSettings.from_eval(cfg.eval, cfg.dasm.window_epochs)
+    loss = torch.empty(ds.train_images.shape[0])
+    for j, (fit, held) in enumerate(((halves[0], halves[1]), (halves[1], halves[0]))):
+        net = train_new(model_options(cfg.model), ds.train_images[fit], ds.train_labels[fit], ds, settings, gen, device, progress,
+                        desc=f"window {j + 1}/2", data_parallel=True)
+        mean, std = ds.mean_std(torch.device(device))
+        loss[held] = score_images(net, ds.train_images[held], ds.train_labels[held], mean,
+                                  std)["loss"]
+    return loss
+
+
+def class_windows(cfg, ds: Dataset, device, progress: bool = False) -> list[torch.Tensor]:
+    """Per class, the training indices inside the window (ascending by cross-fitted loss);
+    the whole class when no window is set."""
+    d = cfg.dasm
+    if not window_set(d):
+        return ds.class_index()
+    return band_pools(cross_fitted_loss(cfg, ds, device, progress), ds.class_index(),
+                      d.window_easy, d.window_hard, ds.classes)
