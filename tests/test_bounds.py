@@ -1,8 +1,8 @@
 """Memory safety of every kernel, found without a GPU.
 
 Triton kernels run on the CPU interpreter with a bounds checker: every load and store of a
-launch, lane by lane (masked lanes excepted), must fall inside one of the tensors passed to that
-launch. The interpreter itself does not check: an unmasked read past a buffer returns whatever
+launch (masked lanes excepted) must fall, all its lanes together, inside one of the tensors
+passed to that launch, so an overrun that lands in a neighbouring argument fails too. The interpreter itself does not check: an unmasked read past a buffer returns whatever
 lies there, and the same read on a GPU is an illegal memory access that kills the CUDA context.
 Inputs also sit inside larger buffers whose guard regions hold NaN (a canary), so a read of the
 guard by the extension's C++ kernels shows in their results, and a write into it shows in the
@@ -49,12 +49,16 @@ def bounds_checked():
     def check(kind, ptrs, mask):
         size = ti._get_np_dtype(ptrs.get_element_ty()).itemsize
         addr = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.int64)
-        ok = np.zeros(addr.shape, dtype=bool)
-        for start, end in ranges:
-            ok |= (addr >= start) & (addr + size <= end)
+        inside = [(addr >= start) & (addr + size <= end) for start, end in ranges]
+        if any(lanes.all() for lanes in inside):
+            return  # every lane in one tensor: the access is attributed to it
+        ok = np.logical_or.reduce(inside) if inside else np.zeros(addr.shape, dtype=bool)
         if not ok.all():
             violations.append(f"{kernel[0]}: {kind} of {int((~ok).sum())} lane(s) outside "
                               f"every argument")
+        else:  # an overrun of one tensor that lands in a neighbouring argument
+            violations.append(f"{kernel[0]}: {kind} spans {sum(bool(m.any()) for m in inside)} "
+                              f"arguments")
 
     def load(self, ptrs, mask, other, *a):
         check("load", ptrs, mask)
@@ -116,6 +120,30 @@ needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="the bounds checker
 
 
 # ------------------------------------------------------------------------ Triton kernels
+@needs_interpreter
+def test_the_checker_attributes_each_access_to_one_tensor():
+    """A load that runs 2 elements past its tensor into the next argument (two views of one
+    buffer, as a caching allocator can place them) is a violation, though every lane it reads
+    lies inside some argument of the launch; the same copy without the overrun is not."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy(x, y, out, n, over, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(out + offs, tl.load(x + offs, mask=offs < n + over), mask=offs < n)
+        tl.store(y + offs, tl.load(y + offs, mask=offs < n), mask=offs < n)
+
+    buf = torch.arange(16, dtype=torch.float32)
+    x, y, out = buf[:8], buf[8:], torch.empty(8)
+    with bounds_checked() as violations:
+        copy[(1,)](x, y, out, 8, 0, BLOCK=16)
+    assert violations == []
+    with bounds_checked() as violations:
+        copy[(1,)](x, y, out, 8, 2, BLOCK=16)
+    assert violations == ["copy: load spans 2 arguments"], violations
+
+
 @needs_interpreter
 @pytest.mark.parametrize("ch, size, factor, strategy", [
     (3, (5, 7), 2, "color_crop_cutout_flip_scale_rotate"),  # the padded channel of colour data
