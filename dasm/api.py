@@ -12,9 +12,9 @@ import torch
 from . import io, ops, rng, runtime
 from .config import Config
 from .data import Dataset, dataset_from_config
-from .errors import DasmError, RunDirError
+from .errors import DasmError, RunDirError, UnsavedResult
 from .models import build_model
-from .rundir import RunDir, load_tensors
+from .rundir import RunDir, check_writable, load_tensors
 from .scoring import score_dataset
 from .synthetic import SyntheticSet
 from .train import TrainSettings, equal_step_epochs, eval_model_spec, evaluate_images, train_new
@@ -44,6 +44,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
             raise DasmError(f"evaluate: {name} must be a positive integer, got {value}")
     run, cfg, sset, ds = _load_run(run_dir, dataset)
     previous = evaluations(run)  # a corrupt eval.json stops us before any work
+    check_writable("evaluate", [run.evals], [run.metrics])
     if overrides:
         cfg = cfg.replace(**overrides)
     runtime.apply(cfg)
@@ -60,9 +61,20 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
         full = evaluate_images(ds.train_images, ds.train_labels, ds, cfg, model, full_data_epochs,
                                repeats, tag="full-data", progress=progress)
         summary["full_data"] = full
-    io.write_json(run.evals, {"evaluations": previous + [summary]})
-    run.log({"event": "eval", **{k: v for k, v in summary.items() if k != "full_data"}})
+    _save_or_keep(summary, run.evals, lambda: (
+        io.write_json(run.evals, {"evaluations": previous + [summary]}),
+        run.log({"event": "eval", **{k: v for k, v in summary.items() if k != "full_data"}})))
     return summary
+
+
+def _save_or_keep(result, path: Path, write) -> None:
+    """``write()``; an OSError after the work is an :class:`UnsavedResult` holding ``result``
+    and naming ``path``, so that the result is shown rather than lost."""
+    try:
+        write()
+    except OSError as e:
+        raise UnsavedResult(f"the result above could not be saved to {e.filename or path}: "
+                            f"{e.strerror or e}", result) from None
 
 
 def evaluations(run: RunDir) -> list[dict]:
@@ -96,6 +108,7 @@ def export(run_dir: str | Path, fmt: str, to: str | Path) -> Path:
     to = Path(to)
     if to.exists() and not to.is_dir():
         raise DasmError(f"export: --to {to} exists and is not a directory")
+    check_writable("export", [to] if fmt == "imagefolder" else [to / "images.pt"])
     try:
         return _export(sset, fmt, to)
     except OSError as e:
@@ -172,16 +185,21 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     evaluation protocol (and saved as ``model.pt``). Written to ``out`` (safetensors)."""
     from .rules import resolve_for
 
-    _check_writable(Path(out), "score: --out")
+    out = Path(out)
+    if out.is_dir():
+        raise DasmError(f"score: --out {out} is a directory, not a file")
+    src = RunDir(model_from)
+    ckpt = src.path / "model.pt"
+    check_writable("score: --out", [out])
+    check_writable("score: --model-from", [] if ckpt.exists() else [ckpt])
     ds = dataset_from_config(cfg.data)
     cfg = resolve_for(cfg, ds)
     runtime.apply(cfg)
     progress = cfg.runtime.progress if progress is None else progress
     device = torch.device(cfg.device)
-    src = RunDir(model_from)
     name, opts = spec = eval_model_spec(cfg)
     g = rng.generator(cfg.seed, "score")
-    ckpt = src.path / "model.pt"
+    unsaved = None
     if ckpt.exists():
         model = build_model(name, ds.channels, ds.num_classes, ds.image_size, generator=g,
                             device=device, **opts)
@@ -196,22 +214,16 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
         x, y = SyntheticSet.load(src.synthetic).decoded()
         model = train_new(spec, x, y, ds, TrainSettings.from_eval(cfg.eval, epochs), g, device,
                           progress, desc="scorer")
-        io.torch_save(model.state_dict(), ckpt)
+        try:
+            io.torch_save(model.state_dict(), ckpt)
+        except OSError as e:  # the scores are still written; the note says what was not
+            unsaved = f"{e.filename or ckpt}: {e.strerror or e}"
     scores = score_dataset(model, ds)
     tensors = {**{k: v.contiguous() for k, v in scores.items()}, "labels": ds.train_labels.clone()}
     meta = {"dataset": ds.name, "model": name, "source": str(src.path)}
-    io.save_safetensors(tensors, out, meta)
-    return {k: float(v.mean()) for k, v in scores.items()}
-
-
-def _check_writable(path: Path, flag: str) -> None:
-    """A one-line DasmError naming ``flag`` when no file can be written at ``path`` (checked
-    before any work is done, so a bad place costs nothing and writes nothing)."""
-    if path.is_dir():
-        raise DasmError(f"{flag} {path} is a directory, not a file")
-    try:
-        with io.atomic_path(path.parent / f".{path.name}.probe"):
-            pass
-        (path.parent / f".{path.name}.probe").unlink()
-    except OSError as e:
-        raise DasmError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    means = {k: float(v.mean()) for k, v in scores.items()}
+    _save_or_keep(means, out, lambda: io.save_safetensors(tensors, out, meta))
+    if unsaved:
+        raise UnsavedResult(f"the scores were written to {out} but the network could not be "
+                            f"saved to {unsaved}", means)
+    return means

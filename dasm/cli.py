@@ -17,7 +17,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from .errors import DasmError
+from .errors import DasmError, UnsavedResult
 
 if TYPE_CHECKING:
     from .config import Config
@@ -115,6 +115,11 @@ def _print_eval(summary: dict) -> None:
               f"{f['mean'] * 100:.2f} +- {f['std'] * 100:.2f} %")
 
 
+def _print_means(out: str | None, means: dict) -> None:
+    where = f" -> {out}" if out else ""
+    print(f"scores{where} (means: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()) + ")")
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import api, baselines, schedule
@@ -133,8 +138,12 @@ def run(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.set)
         if args.no_progress:
             overrides["runtime.progress"] = False
-        summary = api.evaluate(args.dir, args.model, args.epochs, args.repeats, args.full_data,
-                               overrides=overrides)
+        try:
+            summary = api.evaluate(args.dir, args.model, args.epochs, args.repeats,
+                                   args.full_data, overrides=overrides)
+        except UnsavedResult as e:  # the work is done: show its result, then say what failed
+            _print_eval(e.result)
+            raise
         _print_eval(summary)
     elif args.command == "baseline":
         cfg = _load(args)
@@ -148,9 +157,12 @@ def run(argv: list[str] | None = None) -> int:
         print(json.dumps(api.info(args.dir), indent=2))
     elif args.command == "score":
         cfg = _load(args)
-        means = api.score(cfg, args.model_from, args.out, args.epochs)
-        print(f"scores -> {args.out} (means: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
-              + ")")
+        try:
+            means = api.score(cfg, args.model_from, args.out, args.epochs)
+        except UnsavedResult as e:
+            _print_means(None, e.result)
+            raise
+        _print_means(args.out, means)
     return 0
 
 

@@ -19,3 +19,12 @@ class RunDirError(DasmError):
 
 class BackendUnavailable(DasmError):
     """A backend that was asked for explicitly cannot run here."""
+
+
+class UnsavedResult(DasmError):
+    """The work is done but its result could not be written; ``result`` holds it, so that it
+    is shown (the CLI prints it before the error line) instead of lost."""
+
+    def __init__(self, message: str, result):
+        super().__init__(message)
+        self.result = result

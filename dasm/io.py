@@ -8,6 +8,7 @@ for the same tensors and metadata (the library's own writer orders metadata by h
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -42,6 +43,27 @@ def remove_stale_temporaries(folder: str | Path, older_than_s: float = 60.0) -> 
         except OSError:
             pass
     return gone
+
+
+def check_writable(path: str | Path, append: bool = False) -> None:
+    """Raise OSError naming ``path`` unless a file (or folder) can be put there as
+    :func:`atomic_path` does: a temporary file is made and removed at once in the nearest
+    folder of ``path`` that exists. With ``append`` an existing ``path`` must open for appending
+    (its content is untouched). Nothing is left behind."""
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder")
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        if append and path.is_file():
+            open(path, "a").close()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 @contextlib.contextmanager

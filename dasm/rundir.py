@@ -150,9 +150,21 @@ def preflight(cfg: Config, ds: Dataset) -> None:
                     f"{ds.classes[c]!r}; its init ({cfg.synthetic.init}) needs {need}")
 
 
+def check_writable(what: str, replaced=(), appended=()) -> None:
+    """One RunDirError naming the first file of ``replaced`` (written whole, atomically) or
+    ``appended`` (appended to) that cannot be written: checked before any work, so that no
+    result is lost for want of a place to put it."""
+    for path, append in [(p, False) for p in replaced] + [(p, True) for p in appended]:
+        try:
+            io.check_writable(path, append)
+        except OSError as e:
+            raise RunDirError(f"{what}: cannot write {path} ({e.strerror or e}); nothing was "
+                              f"done") from None
+
+
 def claim(run: RunDir, cfg: Config, resume: bool) -> None:
-    """Refuse a directory that holds another run (or, resuming, a different config); write
-    config.yaml into a new one."""
+    """Refuse a directory that holds another run (or, resuming, a different config) or one
+    where any file of the run cannot be written; write config.yaml into a new one."""
     if run.path.exists() and not run.path.is_dir():
         raise RunDirError(f"--out {run.path} exists and is not a directory")
     if run.config.exists():
@@ -166,6 +178,8 @@ def claim(run: RunDir, cfg: Config, resume: bool) -> None:
                               f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}")
     elif resume and run.path.exists() and any(run.path.iterdir()):
         raise RunDirError(f"cannot resume {run.path}: it holds no config.yaml")
+    check_writable("--out", [run.config, run.synthetic, run.grid(1), run.checkpoint(1)],
+                   [run.metrics])
     try:
         run.path.mkdir(parents=True, exist_ok=True)
         if not run.config.exists():

@@ -1,0 +1,141 @@
+"""Issue 26, as a hostile user tried it: nothing lost after the work is done, no folder locked
+by a failed start, what was asked done or refused, one line for every bad input. Each test
+fails on the code before that issue."""
+import ctypes
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from dasm.cli import main
+
+from conftest import ROOT, SMOKE
+from test_cli import snapshot
+from test_trust import one_error_line
+
+PR_CAPBSET_DROP = 24
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER = 1, 2, 3
+
+
+def _held_to_mode_bits():
+    """preexec_fn: as root, drop the capabilities that let root write past the mode bits (the
+    interpreter lives below /root, so switching to another uid could not even start it)."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def dasm_without_write_rights(argv, timeout=90):
+    """``python -m dasm argv`` in a child process that cannot write where the mode bits say
+    no, even when the tests run as root. Returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "dasm", *map(str, argv)], cwd=ROOT, env=env,
+                          preexec_fn=_held_to_mode_bits, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_only(folder):
+    """Take write permission from ``folder`` and everything below it."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o444)
+        os.chmod(root, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP
+                 | stat.S_IROTH | stat.S_IXOTH)
+
+
+def one_line(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dasm: error:"), proc.stderr
+    for n in needles:
+        assert n in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lost") / "run"
+    assert main(["distill", "--config", SMOKE, "--out", str(out)]) == 0
+    return out
+
+
+def copy_of(run, tmp_path, name="run"):
+    dst = tmp_path / name
+    shutil.copytree(run, dst)
+    return dst
+
+
+# ------------------------------------------------- 1. work lost after it is done
+def test_evaluate_read_only_run_is_refused_before_training(smoke_run, tmp_path):
+    run = copy_of(smoke_run, tmp_path)
+    read_only(run)
+    before = snapshot(run)
+    # 100000 epochs would take hours: only a refusal before training returns in time
+    proc = dasm_without_write_rights(["evaluate", run, "--epochs", "100000", "--repeats", "1"])
+    one_line(proc, f"cannot write {run / 'eval.json'}", "nothing was done")
+    assert proc.stdout == "" and snapshot(run) == before
+
+
+def test_score_model_from_read_only_run_is_refused_before_training(smoke_run, tmp_path):
+    run = copy_of(smoke_run, tmp_path)
+    read_only(run)
+    proc = dasm_without_write_rights(["score", "--config", SMOKE, "--model-from", run,
+                                      "--out", tmp_path / "s.safetensors", "--epochs", "100000"])
+    one_line(proc, f"cannot write {run / 'model.pt'}")
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_distill_with_read_only_checkpoints_is_refused_before_config(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    read_only(out / "checkpoints")
+    proc = dasm_without_write_rights(["distill", "--config", SMOKE, "--out", out])
+    one_line(proc, str(out / "checkpoints" / "segment_001.pt"))
+    assert not (out / "config.yaml").exists()  # the folder is not claimed
+
+
+def test_export_names_the_file_it_cannot_write(smoke_run, tmp_path):
+    to = tmp_path / "exp"
+    to.mkdir()
+    read_only(to)
+    proc = dasm_without_write_rights(["export", smoke_run, "--format", "ddranking", "--to", to])
+    one_line(proc, f"cannot write {to / 'images.pt'}")
+
+
+def test_evaluate_prints_the_accuracy_it_could_not_save(smoke_run, tmp_path, capsys,
+                                                         monkeypatch):
+    from dasm import io
+
+    run = copy_of(smoke_run, tmp_path)
+
+    def refuse(path, obj):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(io, "write_json", refuse)
+    assert main(["evaluate", str(run), "--repeats", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "last epoch" in captured.out and "%" in captured.out, captured.out
+    assert captured.err.count("\n") == 1 and str(run / "eval.json") in captured.err
+    assert "could not be saved" in captured.err
+
+
+def test_score_prints_the_means_it_could_not_save(smoke_run, tmp_path, capsys, monkeypatch):
+    from dasm import io
+
+    run = copy_of(smoke_run, tmp_path)
+    out = tmp_path / "s.safetensors"
+
+    def refuse(tensors, path, metadata):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(io, "save_safetensors", refuse)
+    assert main(["score", "--config", SMOKE, "--model-from", str(run), "--out", str(out),
+                 "--epochs", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "means: loss" in captured.out, captured.out
+    assert captured.err.count("\n") == 1 and str(out) in captured.err
+    assert (run / "model.pt").exists()
