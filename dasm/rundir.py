@@ -193,7 +193,8 @@ def claim(run: RunDir, cfg: Config, resume: bool) -> None:
 
 def prepare(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None = None,
             kind: str = "distill"):
-    """Resolve the config against the dataset, apply runtime settings, and claim ``out``.
+    """Resolve the config against the dataset, apply runtime settings (the backends checked),
+    and only then claim ``out``, so that a failed start leaves it as it was.
 
     Returns ``(cfg, dataset, run, resumed)``. Without ``resume`` a directory that already holds
     a run is refused (nothing is overwritten); with ``resume`` its saved config must have this
@@ -203,6 +204,7 @@ def prepare(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None 
     ds = dataset if dataset is not None else dataset_from_config(cfg.data)
     cfg = resolve_for(cfg, ds)
     preflight(cfg, ds)
+    settings = runtime.apply(cfg)  # a forced backend that cannot run here fails before the claim
     ctx = distributed.init_from_env(cfg.dist.backend, cfg.dist.timeout_s)
     run = RunDir(out)
     error = None
@@ -219,7 +221,6 @@ def prepare(cfg: Config, out: str | Path, resume: bool, dataset: Dataset | None 
         resumed = done, run.load_segment_checkpoint(
             done, cfg.identity(), (ds.num_classes, cfg.synthetic.ipc, ds.channels, *ds.image_size),
             ds.train_images.shape[0])
-    settings = runtime.apply(cfg)
     run.log({"event": "start", "kind": kind, "resume": resume, "identity": cfg.identity(),
              "dataset": ds.name, "train_images": int(ds.train_images.shape[0]), **settings})
     return cfg, ds, run, resumed

@@ -139,3 +139,14 @@ def test_score_prints_the_means_it_could_not_save(smoke_run, tmp_path, capsys, m
     assert "means: loss" in captured.out, captured.out
     assert captured.err.count("\n") == 1 and str(out) in captured.err
     assert (run / "model.pt").exists()
+
+
+# ------------------------------------------------------ 2. a failed start locks nothing
+def test_backend_that_cannot_run_leaves_the_folder_free(tmp_path, capsys):
+    out = tmp_path / "run"
+    # torch.compile is offered on CUDA tensors only: forced on the CPU it cannot run
+    assert main(["distill", "--config", SMOKE, "--out", str(out), "--device", "cpu",
+                 "--set", "backend=instance_norm_relu_pool=compile"]) == 2
+    one_error_line(capsys, "compile", "instance_norm_relu_pool")
+    assert not (out / "config.yaml").exists()
+    assert main(["distill", "--config", SMOKE, "--out", str(out), "--device", "cpu"]) == 0
