@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .scoring import score_dataset
 from .synthetic import SyntheticSet
 from .train import TrainSettings, eval_model_spec, train_new
-from .window import class_windows, window_set
+from .window import class_windows, cross_fitted_scores, window_set
 
 METHODS = ("random", "easy", "hard", "herding", "window")
 
@@ -106,7 +106,7 @@ def select_subset(method: str, cfg: Config, ds: Dataset, reference_model: nn.Mod
         if not window_set(cfg.dasm):
             raise ConfigError("baseline 'window' needs a window: set dasm.window_easy or "
                               "dasm.window_hard")
-        windows = class_windows(cfg, ds, cfg.device, progress)
+        windows = class_windows(cfg, ds, cross_fitted_scores(cfg, ds, cfg.device, progress))
         short = [ds.classes[c] for c, w in enumerate(windows) if len(w) < ipc]
         if short:
             raise ConfigError(f"synthetic.ipc={ipc} exceeds the window of class {short[0]!r}")

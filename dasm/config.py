@@ -116,6 +116,11 @@ class DasmConfig:
     window_hard: float = 0.0
     window_epochs: int = 8
     window_first: bool = True
+    # lack pools: only lacking images the window's cross-fitted network gets right (CCFS)
+    lack_known: bool = False
+    # partial update (SelMatch): per segment, this share of the images is distilled; the rest
+    # are selected real images stored as they are (frozen on the synthetic side)
+    distill_share: float = 1.0
     scorer_epochs: int = 300
     # matching networks of k >= 2 (auto: dasm.plan's rule): fresh (IDC); conditioned = a fresh
     # network trained condition_epochs on decoded S_<k, a new one every condition_every outer
@@ -213,7 +218,8 @@ IDENTITY_SINCE = {"dasm.pool": "rank", "dasm.lack_margin": 1.0, "dasm.tail_drop"
                   "dasm.coverage": 0.3, "dasm.condition_every": 2, "dasm.condition_epochs": 5,
                   "dasm.lack_fill": "random", "dasm.pool_multiple": 1.0,
                   "dasm.window_easy": 0.0, "dasm.window_hard": 0.0, "dasm.window_epochs": 8,
-                  "dasm.window_first": True}
+                  "dasm.window_first": True, "dasm.lack_known": False,
+                  "dasm.distill_share": 1.0}
 BENCHMARK_SECTION = "benchmark"  # in profile files: the benchmark's settings, ignored by runs
 
 

@@ -46,7 +46,8 @@ IPC_FACTOR1 = 100  # factor auto: full resolution from this many stored images p
 DECODED_SHARE = 0.25  # factor auto: 2 only while 4 x IPC decoded images are at most this share
 PHI_LARGE = 0.015  # kept fraction IPC / real-per-class from which later segments use LARGE_PHI_PLAN
 LARGE_PHI_PLAN = {"dasm.pool": "lack", "dasm.match_init": "fresh"}  # later segments there
-LACK_KEYS = ("lack_margin", "tail_drop", "coverage", "lack_fill", "pool_multiple")  # lack only
+LACK_KEYS = ("lack_margin", "tail_drop", "coverage", "lack_fill", "pool_multiple",
+             "lack_known")  # keys that shape lack pools only
 
 
 def segment_sizes(ipc: int, segments) -> list[int]:
@@ -200,6 +201,11 @@ class Segment:
     iterations: int  # outer matching iterations
     batch: tuple[int, int]  # decoded (trainable, frozen) images per class in a synthetic batch
     lr_img: float  # the image step (step parity applied)
+    distilled: int = 0  # images per class matching moves (the first ones); the rest stay real
+
+    def __post_init__(self):
+        if not self.distilled:
+            object.__setattr__(self, "distilled", self.ipc)
 
     @property
     def decoded(self) -> int:
@@ -252,14 +258,15 @@ def plan(cfg) -> list[Segment]:
     out = []
     for k, size in enumerate(sizes):
         easy, hard = band_for(d, k, K)
-        frozen = sum(sizes[j] * fs[j] ** 2 for j in range(k))
-        batch = synthetic_batch(m, size * fs[k] ** 2, frozen)
+        distilled = max(1, math.ceil(d.distill_share * size))  # the rest: kept real images
+        frozen = sum(sizes[j] * fs[j] ** 2 for j in range(k)) + (size - distilled) * fs[k] ** 2
+        batch = synthetic_batch(m, distilled * fs[k] ** 2, frozen)
         share = batch[0] / (batch[0] + batch[1])
-        lr = m.lr_img * size / max(sizes)  # IDC's step scales with the segment's own IPC
+        lr = m.lr_img * distilled / max(sizes)  # IDC's step scales with the images it moves
         out.append(Segment(k, size, sum(sizes[:k]), fs[k], d.pool if k else "rank", easy, hard,
                            d.match_init if k else "fresh",
                            iterations_for(d, m.iterations, k, K), batch,
-                           lr / share if d.step_parity else lr))
+                           lr / share if d.step_parity else lr, distilled))
     return out
 
 

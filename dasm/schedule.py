@@ -13,7 +13,8 @@
                 f_k = the matching architecture trained on decoded S_<k (dasm.scorer_epochs)
                 pool, inside the window:
                        lack: per class the real images f_k misclassifies or holds with margin
-                             < lack_margin, minus the hardest tail_drop by loss, plus a seeded
+                             < lack_margin (lack_known: and the window's cross-fitted network
+                             gets right), minus the hardest tail_drop by loss, plus a seeded
                              coverage share of the rest (topped up to what the init needs:
                              at random, or lack_fill margin: by smallest margin first), and
                              never under pool_multiple x what the init draws
@@ -22,8 +23,9 @@
                              trained condition_epochs on decoded S_<k starts the iteration
                            fresh: IDC's; scorer: snapshots of f_k
         S_k = init from pool_k at factor f_k (real images no earlier init used)
-        distil S_k by IDC matching against pool_k, S_<k frozen on the synthetic side, for the
-              segment's iterations at the plan's image step (step parity)
+        distil the first distill_share of S_k by IDC matching against pool_k (S_<k and the
+              rest of S_k, real images kept as they are, frozen on the synthetic side), for
+              the segment's iterations at the plan's image step (step parity)
         checkpoint (atomic; the generator state included); grid_seg<k>.png
     S = S_1 ∪ … ∪ S_K, each segment stored at its own factor
 
@@ -47,7 +49,7 @@ from .rundir import prepare
 from .scoring import band_pools, difficulty, lack_pools, score_dataset
 from .synthetic import SyntheticSet, frozen_view, initialise, real_needed, save_grid
 from .train import train_conditioned, train_scorer
-from .window import class_windows, window_set
+from .window import class_windows, cross_fitted_scores, needs_cross_fit, window_set
 
 
 def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset | None = None,
@@ -71,19 +73,23 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
             if ctx.is_main and not run.grid(seg.index + 1).exists():
                 save_grid(stored[:, seg.start:seg.start + seg.ipc], run.grid(seg.index + 1))
     matcher = Matcher(cfg, ds, device, gen, log=run.log, progress=progress)
-    window = class_windows(cfg, ds, device, progress) if segments[done:] else None
+    crossfit = cross_fitted_scores(cfg, ds, device, progress) \
+        if needs_cross_fit(d) and segments[done:] else None
+    window = class_windows(cfg, ds, crossfit)
     if window_set(d):
         run.log({"event": "window", "easy": d.window_easy, "hard": d.window_hard,
                  "sizes": [len(w) for w in window]})
+    known = None if crossfit is None or not d.lack_known else crossfit["margin"] > 0
     for seg in segments[done:]:
         t0 = time.perf_counter()
         earlier = stored[:, :seg.start]
         need = real_needed(cfg.synthetic.init, seg.ipc, seg.factor)
         classes = window if seg.index or d.window_first else ds.class_index()
         pools, starts, pool_stats = _pools_and_starts(cfg, ds, seg, earlier, sizes, factors, used,
-                                                      need, gen, device, progress, classes)
+                                                      need, gen, device, progress, classes, known)
         init = initialise(cfg.synthetic.init, _init_images(ds, pools, used, seg, need, gen), C,
                           seg.ipc, ds.channels, ds.image_size, seg.factor, gen)
+        kept = init[:, seg.distilled:]  # selected real images, stored as they are
         net_pool = torch.arange(ds.train_images.shape[0]) if d.net_data == "full" \
             else torch.cat(pools)
         run.log({"event": "segment_start", "segment": seg.index, "ipc": seg.ipc,
@@ -92,11 +98,13 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
                  "pool_sizes": [len(p) for p in pools], **pool_stats,
                  "iterations": seg.iterations, "match_init": seg.match_init,
                  "network_starts": len({id(s) for s in starts or []}),
-                 "trainable_share": seg.trainable_share, "lr_img": seg.lr_img})
-        frozen = frozen_view(earlier, sizes[:seg.index], factors[:seg.index]) if seg.start \
-            else None
-        result = matcher.run_segment(init, pools, net_pool, seg, frozen=frozen, starts=starts)
-        stored[:, seg.start:seg.start + seg.ipc] = ctx.join_classes(result).cpu()
+                 "distilled": seg.distilled, "trainable_share": seg.trainable_share,
+                 "lr_img": seg.lr_img})
+        frozen = _frozen_side(earlier, kept, seg, sizes, factors)
+        result = matcher.run_segment(init[:, :seg.distilled], pools, net_pool, seg,
+                                     frozen=frozen, starts=starts)
+        stored[:, seg.start:seg.start + seg.distilled] = ctx.join_classes(result).cpu()
+        stored[:, seg.start + seg.distilled:seg.start + seg.ipc] = kept
         if ctx.is_main:
             run.save_checkpoint(seg.index + 1, {"segment": seg.index + 1, "stored": stored,
                                                 "used": used, "generator": gen.get_state(),
@@ -114,13 +122,27 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
     return sset
 
 
+def _frozen_side(earlier: torch.Tensor, kept: torch.Tensor, seg: Segment, sizes: list[int],
+                 factors: list[int]):
+    """The constants on segment ``seg``'s synthetic side (:func:`frozen_view`): the earlier
+    segments ``earlier`` and the segment's own kept real images ``kept [C, n_kept, ...]``;
+    None when there are none."""
+    images, ns, fs = [], [], []
+    if seg.start:
+        images, ns, fs = [earlier], sizes[:seg.index], factors[:seg.index]
+    if kept.shape[1]:
+        images, ns, fs = images + [kept], ns + [kept.shape[1]], fs + [seg.factor]
+    return frozen_view(torch.cat(images, 1), ns, fs) if images else None
+
+
 def _pools_and_starts(cfg: Config, ds: Dataset, seg: Segment, earlier: torch.Tensor,
                       sizes: list[int], factors: list[int], used: torch.Tensor, need: int,
                       gen: torch.Generator, device, progress: bool,
-                      class_index: list[torch.Tensor]):
+                      class_index: list[torch.Tensor], known: torch.Tensor | None):
     """Segment ``seg``'s per-class pools, the states its matching networks start from (None:
     fresh) and the pool's statistics for the log. ``earlier``: the stored segments before it;
-    ``class_index``: per class, the real images the segment may draw from (its window)."""
+    ``class_index``: per class, the real images the segment may draw from (its window);
+    ``known``: ``[N]`` bool, images a network trained on real data gets right (lack_known)."""
     d = cfg.dasm
     pools, starts, stats = list(class_index), None, {}
     if seg.index == 0 or not (seg.needs_scorer or seg.match_init == "conditioned"):
@@ -135,7 +157,7 @@ def _pools_and_starts(cfg: Config, ds: Dataset, seg: Segment, earlier: torch.Ten
             if seg.pool == "lack":
                 pools, stats = lack_pools(scores, class_index, d.lack_margin, d.tail_drop,
                                           d.coverage, need, ~used, gen, d.lack_fill,
-                                          d.pool_multiple)
+                                          d.pool_multiple, known)
             else:
                 pools = band_pools(difficulty(scores, d.score), class_index, seg.easy_drop,
                                    seg.hard_drop, ds.classes)

@@ -91,7 +91,7 @@ def band_pools(hardness: torch.Tensor, class_index: list[torch.Tensor], easy_dro
 def lack_pools(scores: dict[str, torch.Tensor], class_index: list[torch.Tensor],
                lack_margin: float, tail_drop: float, coverage: float, need: int,
                free: torch.Tensor, generator: torch.Generator, fill: str = "random",
-               multiple: float = 1.0):
+               multiple: float = 1.0, known: torch.Tensor | None = None):
     """Per class, the real images a network trained on S_<k lacks (DASM's pool of segment k).
 
     scores: ``{"loss", "margin"} -> [N]`` under that network; free: ``[N]`` bool, images no
@@ -104,6 +104,10 @@ def lack_pools(scores: dict[str, torch.Tensor], class_index: list[torch.Tensor],
     and at least ``ceil(multiple * need)`` images in all (or every image outside the tail): with
     ``multiple > 1`` the real batches of the matching never come only from the images the init
     draws, even in a class the network already holds firmly.
+
+    ``known``: ``[N]`` bool or None; where given, an image counts as lacking only if it is
+    known (a network trained on real data gets it right, CCFS's candidates); the others join
+    the rest.
 
     ``fill`` says what a class with too few lacking images gets (a class the network already
     holds firmly, common at large IPC): ``random``: the random top-up above; ``margin``: first
@@ -125,6 +129,8 @@ def lack_pools(scores: dict[str, torch.Tensor], class_index: list[torch.Tensor],
         keep = torch.ones(n, dtype=torch.bool)
         keep[order[:int(tail_drop * n)]] = False
         lacking = keep & (margin < lack_margin)
+        if known is not None:
+            lacking &= known[idx]
         threshold_count = int(lacking.sum())
         if fill == "margin":
             short = math.ceil((1 - coverage) * need) - int((lacking & is_free).sum())

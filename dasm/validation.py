@@ -52,6 +52,9 @@ def validate(cfg) -> None:
     if cfg.dasm.window_easy + cfg.dasm.window_hard >= 1:
         raise ConfigError(f"config keys 'dasm.window_easy' + 'dasm.window_hard' leave no window: "
                           f"{cfg.dasm.window_easy} + {cfg.dasm.window_hard} >= 1")
+    if not 0 < cfg.dasm.distill_share <= 1:
+        raise ConfigError(f"config key 'dasm.distill_share' must lie in (0, 1], got "
+                          f"{cfg.dasm.distill_share}")
     if cfg.dasm.pool_multiple < 1:
         raise ConfigError(f"config key 'dasm.pool_multiple' must be >= 1 (the pool holds at least "
                           f"the images its init draws), got {cfg.dasm.pool_multiple}")

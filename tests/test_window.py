@@ -1,10 +1,13 @@
-"""The difficulty window: a cross-fitted loss (no image scored by a network that saw it), the
-per-class window it gives, its use by every segment's pools and init, and the window coreset."""
+"""The high-IPC switches: the difficulty window (a cross-fitted loss: no image scored by a
+network that saw it; its use by every segment's pools and init; the window coreset), lack
+candidates a real-data network knows (CCFS), and the partial update (SelMatch)."""
 import pytest
 import torch
 
 from dasm import baselines, window
 from dasm.errors import ConfigError
+from dasm.plan import plan
+from dasm.scoring import lack_pools
 
 from dasm.rules import resolve_for
 
@@ -33,20 +36,20 @@ def test_every_image_is_scored_by_the_network_that_did_not_see_it(fmnist_small, 
     monkeypatch.setattr(window, "train_new", train)
     monkeypatch.setattr(window, "score_images", score)
     cfg = resolved(fmnist_small, *SEG, "dasm.window_easy=0.3")
-    loss = window.cross_fitted_loss(cfg, fmnist_small, "cpu")
+    loss = window.cross_fitted_scores(cfg, fmnist_small, "cpu")["loss"]
     assert len(trained) == len(scored) == 2
     for fit, held in zip(trained, scored):
         assert not fit & held  # no image scored by a network trained on it
     assert len(trained[0]) + len(trained[1]) >= 0.95 * len(fmnist_small.train_labels)
     assert torch.isfinite(loss).all() and (loss > 0).all()
-    again = window.cross_fitted_loss(cfg, fmnist_small, "cpu")
+    again = window.cross_fitted_scores(cfg, fmnist_small, "cpu")["loss"]
     assert torch.equal(loss, again)  # seeded by cfg.seed alone
 
 
 def test_window_cuts_the_easy_end_of_every_class(fmnist_small):
     cfg = resolved(fmnist_small, *SEG, "dasm.window_easy=0.25", "dasm.window_hard=0.1")
-    loss = window.cross_fitted_loss(cfg, fmnist_small, "cpu")
-    wins = window.class_windows(cfg, fmnist_small, "cpu")
+    loss = window.cross_fitted_scores(cfg, fmnist_small, "cpu")["loss"]
+    wins = window.class_windows(cfg, fmnist_small, {"loss": loss})
     for idx, w in zip(fmnist_small.class_index(), wins):
         assert len(w) == 40 - 10 - 4
         out = sorted(set(idx.tolist()) - set(w.tolist()))
@@ -54,7 +57,7 @@ def test_window_cuts_the_easy_end_of_every_class(fmnist_small):
         easy = [i for i in out if loss[i] <= inside.min()]
         hard = [i for i in out if loss[i] >= inside.max()]
         assert len(easy) == 10 and len(hard) == 4
-    whole = window.class_windows(resolved(fmnist_small, *SEG), fmnist_small, "cpu")
+    whole = window.class_windows(resolved(fmnist_small, *SEG), fmnist_small, None)
     assert all(torch.equal(a, b) for a, b in zip(whole, fmnist_small.class_index()))
     with pytest.raises(ConfigError, match="window_easy' \\+ 'dasm.window_hard' leave no window"):
         smoke_config("dasm.window_easy=0.6", "dasm.window_hard=0.5")
@@ -73,7 +76,9 @@ def test_segments_draw_inits_and_pools_from_the_window(fmnist_small, tmp_path, f
         distill(distill_cfg, tmp_path / "r", dataset=fmnist_small)
     finally:
         mp.undo()
-    wins = window.class_windows(resolve_for(distill_cfg, fmnist_small), fmnist_small, "cpu")
+    cfg = resolve_for(distill_cfg, fmnist_small)
+    wins = window.class_windows(cfg, fmnist_small, window.cross_fitted_scores(cfg, fmnist_small,
+                                                                              "cpu"))
     inside = set(torch.cat(wins).tolist())
     (_, pools1, _, _), (_, pools2, _, _) = rec.inits
     assert set(torch.cat(pools2).tolist()) <= inside
@@ -86,7 +91,8 @@ def test_segments_draw_inits_and_pools_from_the_window(fmnist_small, tmp_path, f
 
 def test_window_coreset_draws_inside_the_window(fmnist_small):
     cfg = resolved(fmnist_small, *SEG, "dasm.window_easy=0.5")
-    wins = window.class_windows(cfg, fmnist_small, "cpu")
+    wins = window.class_windows(cfg, fmnist_small, window.cross_fitted_scores(cfg, fmnist_small,
+                                                                              "cpu"))
     sset = baselines.select_subset("window", cfg, fmnist_small)
     picks = baselines.random_picks(fmnist_small, 4, torch.Generator(), wins)
     assert all(len(p) == 4 for p in picks)
@@ -96,3 +102,50 @@ def test_window_coreset_draws_inside_the_window(fmnist_small):
         assert (inside - img).abs().amax(1).min() == 0  # every picked image is a window image
     with pytest.raises(ConfigError, match="baseline 'window' needs a window"):
         baselines.select_subset("window", resolved(fmnist_small, *SEG), fmnist_small)
+
+
+def test_lack_candidates_must_be_known_to_a_real_data_network():
+    """lack_known (CCFS): an image the scorer lacks counts as lacking only when the real-data
+    network gets it right; the others join the rest (here coverage 0: they stay out)."""
+    loss = torch.tensor([9.0, 3, 2, 1, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    margin = torch.tensor([-5.0, -1, 0.5, 0.9, 4, 4, 4, 4, 4, 4])
+    known = torch.ones(10, dtype=torch.bool)
+    known[2] = False
+    free = torch.ones(10, dtype=torch.bool)
+    args = ({"loss": loss, "margin": margin}, [torch.arange(10)], 1.0, 0.1, 0.0, 1, free)
+    plain, stats = lack_pools(*args, torch.Generator().manual_seed(0))
+    assert set(plain[0].tolist()) == {1, 2, 3} and stats["lacking"] == [3]
+    kept, stats = lack_pools(*args, torch.Generator().manual_seed(0), known=known)
+    assert set(kept[0].tolist()) == {1, 3} and stats["lacking"] == [2]
+
+
+def test_partial_update_keeps_a_share_real_and_moves_the_rest(fmnist_small, tmp_path):
+    """distill_share 0.5: per segment the first half is distilled, the second half stays the
+    selected real images, exactly (factor 1: a stored image is a training image), and sits on
+    the synthetic side as a constant; the step follows the distilled count."""
+    overrides = (*SEG, "synthetic.factor=1", "dasm.distill_share=0.5", "dasm.pool=rank",
+                 "dasm.match_init=fresh")
+    segs = plan(resolved(fmnist_small, *overrides))
+    assert [(s.ipc, s.distilled, s.batch) for s in segs] == [(2, 1, (1, 1)), (2, 1, (1, 3))]
+    whole = plan(resolved(fmnist_small, *overrides[:-3], "dasm.pool=rank",
+                          "dasm.match_init=fresh"))
+    assert segs[0].lr_img == pytest.approx(whole[0].lr_img / 2 / 0.5, rel=1e-12)
+    mp = pytest.MonkeyPatch()
+    rec = Recorder(mp)
+    try:
+        from dasm.schedule import distill
+        sset = distill(smoke_config(*overrides), tmp_path / "r", dataset=fmnist_small)
+    finally:
+        mp.undo()
+    assert [init.shape[1] for init, *_ in rec.inits] == [1, 1]  # only the distilled share moves
+    real = fmnist_small.train_images.float().div(255).flatten(1)
+    used = rec.checkpoints[-1]["used"]
+    stored = sset.images  # [C, 4, 1, 28, 28]: slots 1 and 3 kept, 0 and 2 distilled
+    for c in range(stored.shape[0]):
+        for slot in (1, 3):
+            gap = (real[used] - stored[c, slot].flatten()).abs().amax(1).min()
+            assert gap == 0, (c, slot)
+        for slot in (0, 2):
+            assert (real - stored[c, slot].flatten()).abs().amax(1).min() > 0
+    with pytest.raises(ConfigError, match="dasm.distill_share"):
+        smoke_config("dasm.distill_share=0")
