@@ -88,16 +88,22 @@ METHODS = {
     "dasm-no-band": {**V2, "dasm.easy_drop": 0.0, "dasm.hard_drop": 0.0},
     "dasm-no-parity": {**V2, "dasm.step_parity": False},
     "dasm-k3": {"dasm.segments": 3},  # three segments (IPC divisible by 3: near-equal list)
-    # the difficulty window (results/ablation-window.json): the easiest 30 % of each class by a
-    # cross-fitted network left out of every pool and init, or of later segments only; and
-    # the window alone as a real coreset (a baseline: no matching)
-    "dasm-window": {"dasm.window_easy": 0.3},
-    "dasm-window-later": {"dasm.window_easy": 0.3, "dasm.window_first": False},
-    "window": None,
+    # the high-IPC switches (results/ablation-highipc-switches.json): a difficulty window cut
+    # by a cross-fitted network (the easiest 30 % or 15 %, or the hardest 10 %, of each class;
+    # for every segment, or later segments only), the window alone as a real coreset, lack
+    # candidates a real-data network knows (CCFS), and a partial update (20 % distilled)
+    "dasm-window-easy30": {"dasm.window_easy": 0.3},
+    "dasm-window-easy30-later": {"dasm.window_easy": 0.3, "dasm.window_first": False},
+    "dasm-window-easy15": {"dasm.window_easy": 0.15},
+    "dasm-window-hard10": {"dasm.window_hard": 0.1},
+    "dasm-known": {"dasm.lack_known": True},
+    "dasm-distill20": {"dasm.distill_share": 0.2},
+    "window-easy30": None,
     "easy": None,
     "hard": None,
 }
-SUBSET_SETTINGS = {"window": {"dasm.window_easy": 0.3}}  # settings of real-subset baselines
+# real-subset baselines: (baselines.METHODS name, settings)
+SUBSETS = {"window-easy30": ("window", {"dasm.window_easy": 0.3})}
 CONTENDERS = ("random", "idc", "idc-f1", "idc-compute", "dasm")
 BASELINES = ("random", "idc", "idc-f1")  # dasm is compared with the best of them
 
@@ -115,7 +121,7 @@ def load_profile(path: str, overrides: list[str], holdout: bool):
 def run_config(base, method: str, ipc: int, seed: int):
     """The config of ``method`` at ``ipc`` and distillation ``seed``."""
     cfg = base.replace(**{"synthetic.ipc": ipc, "seed": seed})
-    over = dict(METHODS[method] or SUBSET_SETTINGS.get(method, {}))
+    over = dict(METHODS[method] or SUBSETS.get(method, (method, {}))[1])
     if method == "dasm-k3":
         over["dasm.segments"] = [ipc - 2 * (ipc // 3), ipc // 3, ipc // 3]
     if method == "dasm-split":
@@ -257,7 +263,8 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
         if METHODS[method] is None:
             if resume:  # a baseline killed before its set was written: redo it
                 shutil.rmtree(run.path)
-            baselines.run_baseline(method, cfg, run.path, dataset=ds, reference_model=full)
+            baselines.run_baseline(SUBSETS.get(method, (method,))[0], cfg, run.path,
+                                   dataset=ds, reference_model=full)
         else:
             distill(cfg, run.path, resume=resume, dataset=ds)
     s = evaluation(run, ds, repeats)
