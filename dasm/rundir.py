@@ -139,15 +139,28 @@ def preflight(cfg: Config, ds: Dataset) -> None:
                 f"{cfg.synthetic.ipc}, factor {cfg.synthetic.factor}) need {sum(needs)} that no "
                 f"two inits share")
     for s, need in zip(segments, needs):
-        if s.pool != "rank":
-            continue  # a lack pool is topped up from the class to what its init needs
+        earlier = sum(needs[:s.index])  # at worst every earlier init drew from this pool
         for c, n in enumerate(counts):
-            pool = n - int(s.easy_drop * n) - int(s.hard_drop * n)
-            if pool < max(need, 1):
+            pool, what, keys, values = _pool_bound(cfg, s, n)
+            if pool - earlier < max(need, 1):
                 raise ConfigError(
-                    f"the difficulty band of segment {s.index + 1} (easy_drop={s.easy_drop:g}, "
-                    f"hard_drop={s.hard_drop:g}) leaves {pool} images of class "
-                    f"{ds.classes[c]!r}; its init ({cfg.synthetic.init}) needs {need}")
+                    f"the {what} of segment {s.index + 1} ({keys} {values}) leaves {pool} "
+                    f"images of class {ds.classes[c]!r}, of which the earlier inits may take "
+                    f"{earlier}: {max(pool - earlier, 0)} for its init ({cfg.synthetic.init}) "
+                    f"that needs {need}; lower synthetic.ipc or {keys}")
+
+
+def _pool_bound(cfg: Config, s, n: int) -> tuple[int, str, str, str]:
+    """Most images of a class of ``n`` that segment ``s``'s pool can hold, what bounds it, its
+    keys and their values: the whole class, the difficulty band (rank), or the class less its
+    loss tail (lack: its top-up draws from outside the tail only)."""
+    if s.full_pool:
+        return n, "pool", "the whole class", ""
+    if s.pool == "lack":
+        return (n - int(cfg.dasm.tail_drop * n), "lack pool", "dasm.tail_drop",
+                f"{cfg.dasm.tail_drop:g}")
+    return (n - int(s.easy_drop * n) - int(s.hard_drop * n), "difficulty band",
+            "dasm.easy_drop/hard_drop", f"{s.easy_drop:g}/{s.hard_drop:g}")
 
 
 def check_writable(what: str, replaced=(), appended=()) -> None:

@@ -150,3 +150,30 @@ def test_backend_that_cannot_run_leaves_the_folder_free(tmp_path, capsys):
     one_error_line(capsys, "compile", "instance_norm_relu_pool")
     assert not (out / "config.yaml").exists()
     assert main(["distill", "--config", SMOKE, "--out", str(out), "--device", "cpu"]) == 0
+
+
+# ------------------------------------------- 3. the pre-run check sees the pools' bounds
+def few_images_folder(root, per_class, size=16):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 4)):
+        for c in "ab":
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(
+                    root / split / c / f"{i}.png")
+    return root
+
+
+def test_lack_pool_short_of_its_init_is_refused_before_the_run(tmp_path, capsys):
+    root = few_images_folder(tmp_path / "folder", 30)
+    out = tmp_path / "run"
+    # IPC 30 of 30 images: two segments of 15 (factor 1); the second one's lack pool leaves
+    # out the hardest 5 % (1 image), so 14 may be free for an init that needs 15
+    assert main(["distill", "--config", SMOKE, "--dataset", f"imagefolder:{root}", "--ipc", "30",
+                 "--set", "synthetic.factor=auto", "--set", "data.train_per_class=0",
+                 "--out", str(out)]) == 2
+    one_error_line(capsys, "segment 2", "dasm.tail_drop", "needs 15")
+    assert not out.exists()
