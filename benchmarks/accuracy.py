@@ -7,8 +7,9 @@
 Methods (:data:`METHODS`): ``random`` (seeded real subset), ``idc`` (one segment, factor 2),
 ``idc-f1`` (one segment, factor 1), ``idc-compute`` (idc given as many matching steps in total as
 the whole dasm run at that IPC: the equal-compute budget), ``dasm`` (the package's defaults: the
-plan of :mod:`dasm.plan`), ``dasm-*`` (named variants: the v3 ablation at factor 1 and last
-round's), ``easy`` / ``hard`` (real subsets by loss under a full-data network). dasm is compared
+plan of :mod:`dasm.plan`), ``dasm-*`` (variants: each table lists the settings each one runs),
+``easy`` / ``hard`` / ``window-*`` (real subsets by loss under a full-data network, or drawn
+from a difficulty window). dasm is compared
 with the best of :data:`BASELINES` per distillation seed. Distillation seeds come from
 ``benchmark.seeds`` at IPC >= 50 (the first one below).
 
@@ -57,36 +58,32 @@ from dasm.train import accuracy  # noqa: E402
 
 from _common import RESULTS, ROOT, code_unchanged_since, commit, machine, table  # noqa: E402
 
-# method -> config overrides of a distilled run (None: a real-subset baseline)
-V2 = {"dasm.match_init": "scorer", "dasm.easy_drop": 0.5, "dasm.hard_drop": 0.02,
-      "dasm.pool": "rank", "synthetic.factor": 2}  # last round's design: band + scorer starts
-F1 = {"synthetic.factor": 1}  # the v3 ablation runs at factor 1 (the pieces at large phi)
+# method -> config overrides of a distilled run (None: a real-subset baseline). Every table
+# lists what each method it shows runs (:func:`describe`), so a name needs no history.
+BAND_SCORER = {"dasm.match_init": "scorer", "dasm.easy_drop": 0.5, "dasm.hard_drop": 0.02,
+               "dasm.pool": "rank", "synthetic.factor": 2}  # a rank band + scorer warm starts
+F1 = {"synthetic.factor": 1}
 METHODS = {
     "random": None,
     "idc": {"dasm.segments": 1, "synthetic.factor": 2},  # IDC as published (factor 2)
     "idc-f1": {"dasm.segments": 1, "synthetic.factor": 1},  # IDC-I: full-resolution images
     "idc-compute": {"dasm.segments": 1},  # dasm's first-segment factor; iterations: dasm's total
     "dasm": {},  # the package's defaults (the plan of dasm.plan)
-    # v3 ablation at large phi: two halves at factor 1, each piece alone and all together
-    "dasm-f1": {**F1, "dasm.pool": "rank", "dasm.match_init": "fresh"},  # no piece
-    "dasm-lack": {**F1, "dasm.pool": "lack", "dasm.match_init": "fresh"},  # lack pools alone
-    "dasm-cond": {**F1, "dasm.pool": "rank", "dasm.match_init": "conditioned"},  # networks alone
-    "dasm-all": {**F1, "dasm.pool": "lack", "dasm.match_init": "conditioned"},  # all on
+    # two halves at factor 1 with each piece of the large-phi plan alone, and all together
+    "dasm-f1": {**F1, "dasm.pool": "rank", "dasm.match_init": "fresh"},
+    "dasm-lack": {**F1, "dasm.pool": "lack", "dasm.match_init": "fresh"},
+    "dasm-cond": {**F1, "dasm.pool": "rank", "dasm.match_init": "conditioned"},
+    "dasm-all": {**F1, "dasm.pool": "lack", "dasm.match_init": "conditioned"},
     "dasm-mixed": {"synthetic.factor": [2, 1], "dasm.pool": "lack",
-                   "dasm.match_init": "conditioned"},  # all on, first half at factor 2
+                   "dasm.match_init": "conditioned"},
     "dasm-split": {**F1, "dasm.pool": "lack", "dasm.match_init": "conditioned"},  # 3/4 + 1/4
-    # after the test split showed lack pools running dry at IPC 1000 (results/ablation-highipc-
-    # fill.json): lack pools whose short classes are filled by smallest margin, not at random
     "dasm-fill": {**F1, "dasm.pool": "lack", "dasm.match_init": "fresh",
                   "dasm.lack_fill": "margin"},
-    # the small-phi plan forced (two halves at factor 2, full pools, fresh networks): the default
-    # below PHI_LARGE, and at IPC 200 until results/ablation-phi-200.json moved PHI_LARGE
     "dasm-f2": {"synthetic.factor": 2, "dasm.pool": "rank", "dasm.match_init": "fresh"},
-    # last round's ablation (IPC <= 100), kept so its records still report
-    "dasm-design": V2,
-    "dasm-fresh": {**V2, "dasm.match_init": "fresh"},
-    "dasm-no-band": {**V2, "dasm.easy_drop": 0.0, "dasm.hard_drop": 0.0},
-    "dasm-no-parity": {**V2, "dasm.step_parity": False},
+    "dasm-design": BAND_SCORER,
+    "dasm-fresh": {**BAND_SCORER, "dasm.match_init": "fresh"},
+    "dasm-no-band": {**BAND_SCORER, "dasm.easy_drop": 0.0, "dasm.hard_drop": 0.0},
+    "dasm-no-parity": {**BAND_SCORER, "dasm.step_parity": False},
     "dasm-k3": {"dasm.segments": 3},  # three segments (IPC divisible by 3: near-equal list)
     # the high-IPC switches (results/ablation-highipc-switches.json): a difficulty window cut
     # by a cross-fitted network (the easiest 30 % or 15 %, or the hardest 10 %, of each class;
@@ -131,6 +128,23 @@ def run_config(base, method: str, ipc: int, seed: int):
         over["match.iterations"] = sum(iterations_for(cfg.dasm, cfg.match.iterations, k, K)
                                        for k in range(K))
     return cfg.replace(**over)
+
+
+RUN_CONFIG_NOTES = {"dasm-split": "segments 3/4 + 1/4", "dasm-k3": "three near-equal segments",
+                    "idc-compute": "matching steps: the whole dasm run's"}
+
+
+def describe(method: str) -> str:
+    """What ``method`` runs, in settings: its overrides of the profile, or the subset it draws."""
+    if METHODS[method] is None:
+        base, over = SUBSETS.get(method, (method, {}))
+        what = {"random": "a seeded random real subset", "easy": "the lowest-loss real images",
+                "hard": "the highest-loss real images", "window": "a seeded random real subset "
+                "of the difficulty window"}.get(base, base)
+        return what + "".join(f", {k}={v}" for k, v in over.items())
+    parts = [f"{k}={v}" for k, v in METHODS[method].items()]
+    parts += [RUN_CONFIG_NOTES[method]] if method in RUN_CONFIG_NOTES else []
+    return ", ".join(parts) or "the package's defaults"
 
 
 def budget_of(method: str) -> str:
@@ -470,6 +484,7 @@ def markdown(records, ipcs, methods, split) -> str:
         absent = [f"{b} (seed {', '.join(ss)})" for b, ss in missing.items() if ss]
         if absent:
             text += f" At IPC {ipc} the best baseline leaves out {', '.join(absent)}: not run."
+    text += "\n\nMethods: " + "; ".join(f"`{m}` {describe(m)}" for m in methods) + "."
     full, others = full_data_line(records)
     if full:
         text += f"\nFull training set, same network and protocol ({full['epochs']} epochs): " \
