@@ -1,0 +1,176 @@
+"""Reports of the accuracy protocol: the markdown table (with what each method runs), the plot
+of accuracy against IPC, and the README's copy of a table."""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from dasm import io
+
+from _common import RESULTS, ROOT, table
+from _methods import BASELINES, METHODS, budget_of, describe
+from _records import contents
+
+def report(path: Path, name: str):
+    """The markdown table and the plot of every run in the results file (and the README's copy
+    of the table, where it has one)."""
+    records, ipcs, methods, split = contents(path)
+    md = markdown(records, ipcs, methods, split)
+    io.write_text(RESULTS / f"accuracy-{name}.md", md)
+    if sync_readme(name, md):
+        print(f"README.md: the accuracy-{name} block rewritten")
+    plot(records, ipcs, methods, RESULTS / f"accuracy-{name}.png", f"{name} ({split} split)")
+    print(md)
+
+
+def readme_block(name: str) -> tuple[str, str]:
+    """The markers around the README's copy of ``results/accuracy-<name>.md``."""
+    return f"<!-- results/accuracy-{name}.md: written by benchmarks/accuracy.py --report -->", \
+        f"<!-- end of results/accuracy-{name}.md -->"
+
+
+def sync_readme(name: str, md: str, path: Path = ROOT / "README.md") -> bool:
+    """Put ``md`` between the README's markers of ``name`` (see :func:`readme_block`), so that
+    the figures a user reads are the results file's; False when the README has no such block."""
+    begin, end = readme_block(name)
+    text = path.read_text()
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{md}{end}{tail}"
+    if new != text:
+        io.write_text(path, new)
+    return True
+
+
+def pooled(records, method, ipc):
+    """All accuracies of ``method`` at ``ipc`` over seeds and repeats, and the seeds."""
+    rs = [r for r in records if r["method"] == method and r["ipc"] == ipc]
+    return [x for r in rs for x in r["accuracies"]], [r["seed"] for r in rs]
+
+
+def paired(records, ipc, a="dasm", b="idc"):
+    """Per-seed differences ``a - b`` of the mean accuracies (points), seeds present in both;
+    ``b = "best"``: the best of :data:`BASELINES` present for that seed."""
+    by = {(r["method"], r["seed"]): r["mean"] for r in records if r["ipc"] == ipc}
+    if b == "best":
+        out = []
+        for (m, seed), v in by.items():
+            base = [by[(x, seed)] for x in BASELINES if (x, seed) in by]
+            if m == a and base:
+                out.append((v - max(base)) * 100)
+        return out
+    return [(by[(a, s)] - by[(b, s)]) * 100 for (m, s) in by if m == a and (b, s) in by]
+
+
+def full_data_line(records):
+    """The full-data record with the most epochs (the evaluation protocol's), and the others."""
+    full = sorted((r for r in records if r["method"] == "full-data"), key=lambda r: -r["epochs"])
+    return (full[0] if full else None), full[1:]
+
+
+def _mean_std(values):
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def markdown(records, ipcs, methods, split) -> str:
+    cols = ["method", "budget"] + [f"IPC {i}" for i in ipcs]
+    rows, times = [], []
+    for method in methods:
+        row = {"method": method,
+               "budget": budget_of(method) if METHODS[method] is not None else "-"}
+        t = {"method": method, "budget": "min"}
+        for ipc in ipcs:
+            accs, seeds = pooled(records, method, ipc)
+            ms = _mean_std([x * 100 for x in accs])
+            shape = f"{len(seeds)}×{len(accs) // max(len(seeds), 1)}"  # seeds x repeats
+            row[f"IPC {ipc}"] = f"{ms[0]:.2f} ± {ms[1]:.2f} ({shape})" if ms else ""
+            rs = [r for r in records if r["method"] == method and r["ipc"] == ipc]
+            if rs:
+                d = statistics.fmean(r.get("distill_seconds", 0) for r in rs) / 60
+                e = statistics.fmean(r.get("eval_seconds", 0) for r in rs) / 60
+                t[f"IPC {ipc}"] = f"{d:.0f} + {e:.0f}"
+        rows.append(row)
+        times.append(t)
+    lead = [m for m in methods if m.startswith("dasm")]
+    for a in lead:
+        for other, budget in (("best", "paired"), ("idc-compute", "paired, equal compute")):
+            row = {"method": f"{a} − {'best baseline' if other == 'best' else other}",
+                   "budget": budget}
+            for ipc in ipcs:
+                diffs = paired(records, ipc, a, other)
+                d = _mean_std(diffs)
+                row[f"IPC {ipc}"] = f"{d[0]:+.2f} ± {d[1]:.2f} (n={len(diffs)})" if d else ""
+            if any(row[f"IPC {i}"] for i in ipcs):
+                rows.append(row)
+    text = table(rows, cols)
+    text += (f"\n\n{split} accuracy (%), last epoch, mean ± std over (seeds × evaluation repeats); "
+             f"'A − best baseline': per distillation seed, A minus the best of "
+             f"{', '.join(BASELINES)} for that seed, mean ± std over seeds.")
+    for ipc in ipcs:  # a comparison is only as good as the baselines in it: name the absent
+        have = {(r["method"], r["seed"]) for r in records if r["ipc"] == ipc}
+        seeds = sorted({s for m, s in have if m in lead})
+        missing = {b: [str(s) for s in seeds if (b, s) not in have] for b in BASELINES}
+        absent = [f"{b} (seed {', '.join(ss)})" for b, ss in missing.items() if ss]
+        if absent:
+            text += f" At IPC {ipc} the best baseline leaves out {', '.join(absent)}: not run."
+    text += "\n\nMethods: " + "; ".join(f"`{m}` {describe(m)}" for m in methods) + "."
+    full, others = full_data_line(records)
+    if full:
+        text += f"\nFull training set, same network and protocol ({full['epochs']} epochs): " \
+                f"{full['mean'] * 100:.2f}%" + "".join(
+                    f"; {o['epochs']} epochs: {o['mean'] * 100:.2f}%" for o in others) + "."
+    text += "\n\nWall time, minutes (distillation + evaluation, mean over seeds; two " \
+            "single-thread workers side by side):\n\n" + table(times, cols)
+    return text + "\n"
+
+
+GAP = (float("nan"), float("nan"))  # a point not measured: the plot's line breaks there
+
+
+def plot(records, ipcs, methods, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [m for m in methods if m not in ("easy", "hard")]
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120,
+                                 gridspec_kw={"width_ratios": [3, 2]})
+    for method in main:
+        # a gap (nan) where a method has no run, so no line suggests a point not measured
+        pts = [(ipc, *(_mean_std([x * 100 for x in pooled(records, method, ipc)[0]]) or GAP))
+               for ipc in ipcs]
+        if not all(math.isnan(p[1]) for p in pts):
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method,
+                        lw=2.4 if method == "dasm" else 1.2)
+    full, _ = full_data_line(records)
+    if full:
+        ax.axhline(full["mean"] * 100, color="k", ls="--", lw=1,
+                   label=f"full data, {full['epochs']} epochs ({full['mean'] * 100:.1f}%)")
+    for a in [m for m in main if m.startswith("dasm")]:
+        for other, style in (("best", "o-"), ("idc-compute", "s--")):
+            pts = [(ipc, *(_mean_std(paired(records, ipc, a, other)) or GAP)) for ipc in ipcs]
+            if not all(math.isnan(p[1]) for p in pts):
+                x, y, e = zip(*pts)
+                what = "best baseline" if other == "best" else "idc, equal compute"
+                dx.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=f"{a} − {what}")
+    dx.axhline(0, color="k", lw=0.8)
+    for a_ in (ax, dx):
+        a_.set_xscale("log")
+        a_.minorticks_off()
+        a_.set_xticks(ipcs)
+        a_.set_xticklabels([str(i) for i in ipcs])
+        a_.set_xlabel("images per class (IPC)")
+        a_.grid(alpha=0.3)
+        a_.legend(fontsize=7)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    dx.set_ylabel("points, paired per seed (mean ± std)")
+    dx.set_title(f"dasm − best of {', '.join(BASELINES)}", fontsize=9)
+    fig.tight_layout()
+    io.write_with(path, lambda p: fig.savefig(p, format="png"))
