@@ -12,6 +12,11 @@ from _common import RESULTS, ROOT, table
 from _methods import BASELINES, METHODS, budget_of, describe
 from _records import contents
 
+# what each dasm row is paired against: the best baseline, idc at equal compute, and the
+# difficulty window alone as a real coreset (the selection DASM must add to)
+COMPARISONS = (("best", "paired"), ("idc-compute", "paired, equal compute"),
+               ("window-easy30", "paired, coreset"))
+
 def report(path: Path, name: str):
     """The markdown table and the plot of every run in the results file (and the README's copy
     of the table, where it has one)."""
@@ -98,7 +103,7 @@ def markdown(records, ipcs, methods, split) -> str:
         times.append(t)
     lead = [m for m in methods if m.startswith("dasm")]
     for a in lead:
-        for other, budget in (("best", "paired"), ("idc-compute", "paired, equal compute")):
+        for other, budget in COMPARISONS:
             row = {"method": f"{a} − {'best baseline' if other == 'best' else other}",
                    "budget": budget}
             for ipc in ipcs:
@@ -153,11 +158,12 @@ def plot(records, ipcs, methods, path, title):
         ax.axhline(full["mean"] * 100, color="k", ls="--", lw=1,
                    label=f"full data, {full['epochs']} epochs ({full['mean'] * 100:.1f}%)")
     for a in [m for m in main if m.startswith("dasm")]:
-        for other, style in (("best", "o-"), ("idc-compute", "s--")):
+        for (other, _), style in zip(COMPARISONS, ("o-", "s--", "d:")):
             pts = [(ipc, *(_mean_std(paired(records, ipc, a, other)) or GAP)) for ipc in ipcs]
             if not all(math.isnan(p[1]) for p in pts):
                 x, y, e = zip(*pts)
-                what = "best baseline" if other == "best" else "idc, equal compute"
+                what = {"best": "best baseline", "idc-compute": "idc, equal compute"}.get(
+                    other, f"{other} coreset")
                 dx.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=f"{a} − {what}")
     dx.axhline(0, color="k", lw=0.8)
     for a_ in (ax, dx):
