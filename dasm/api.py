@@ -1,6 +1,7 @@
 """The operations behind the CLI, callable from Python: evaluate, export, info, score."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -56,7 +57,8 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
     summary = evaluate_images(x, y, ds, cfg, model, n_epochs, repeats, progress=progress)
     summary.update(method=sset.extra.get("method", ""), ipc=sset.ipc, factor=sset.factor,
                    segments=sset.segment_sizes, same_compute=cfg.eval.same_compute,
-                   dataset=ds.name, test_images=int(ds.test_images.shape[0]))
+                   dataset=ds.name, test_images=int(ds.test_images.shape[0]),
+                   **_eval_settings(cfg, overrides))
     if full_data_epochs:
         full = evaluate_images(ds.train_images, ds.train_labels, ds, cfg, model, full_data_epochs,
                                repeats, tag="full-data", progress=progress)
@@ -65,6 +67,15 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
         io.write_json(run.evals, {"evaluations": previous + [summary]}),
         run.log({"event": "eval", **{k: v for k, v in summary.items() if k != "full_data"}})))
     return summary
+
+
+def _eval_settings(cfg: Config, overrides: dict | None) -> dict:
+    """Every setting an evaluation's accuracy depends on besides the set itself: its seed, the
+    eval section, the network's config, device and backends, and the ``--set`` overrides."""
+    return {"seed": cfg.seed, "eval": dataclasses.asdict(cfg.eval),
+            "network": dataclasses.asdict(cfg.model), "device": cfg.device,
+            "backend": cfg.backend, "deterministic": cfg.runtime.deterministic,
+            "overrides": dict(overrides or {})}
 
 
 def _save_or_keep(result, path: Path, write) -> None:
@@ -197,27 +208,21 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     runtime.apply(cfg)
     progress = cfg.runtime.progress if progress is None else progress
     device = torch.device(cfg.device)
-    name, opts = spec = eval_model_spec(cfg)
+    spec = eval_model_spec(cfg)
+    settings = TrainSettings.from_eval(cfg.eval, epochs)
+    recipe = _recipe(cfg, spec, settings)
     g = rng.generator(cfg.seed, "score")
     unsaved = None
     if ckpt.exists():
-        model = build_model(name, ds.channels, ds.num_classes, ds.image_size, generator=g,
-                            device=device, **opts)
-        state = load_tensors(ckpt, "delete it to train the scorer again", device)
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RunDirError(f"{ckpt} does not fit model {name} on {ds.name}: "
-                              f"{first[:160]}") from None
+        model = _saved_scorer(ckpt, recipe, epochs, spec, ds, g, device)
     else:
         x, y = SyntheticSet.load(src.synthetic).decoded()
-        model = train_new(spec, x, y, ds, TrainSettings.from_eval(cfg.eval, epochs), g, device,
-                          progress, desc="scorer")
+        model = train_new(spec, x, y, ds, settings, g, device, progress, desc="scorer")
         try:
-            io.torch_save(model.state_dict(), ckpt)
+            io.torch_save({"recipe": recipe, "state": model.state_dict()}, ckpt)
         except OSError as e:  # the scores are still written; the note says what was not
             unsaved = f"{e.filename or ckpt}: {e.strerror or e}"
+    name = spec[0]
     scores = score_dataset(model, ds)
     tensors = {**{k: v.contiguous() for k, v in scores.items()}, "labels": ds.train_labels.clone()}
     meta = {"dataset": ds.name, "model": name, "source": str(src.path)}
@@ -227,3 +232,39 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
         raise UnsavedResult(f"the scores were written to {out} but the network could not be "
                             f"saved to {unsaved}", means)
     return means
+
+
+def _recipe(cfg: Config, spec: tuple[str, dict], s: TrainSettings) -> dict:
+    """What a scorer network's weights depend on, saved beside them in ``model.pt``."""
+    name, opts = spec
+    return {"model": name, **{f"model.{k}": v for k, v in sorted(opts.items())},
+            "epochs": s.epochs, "batch": s.batch, "lr": s.lr, "momentum": s.momentum,
+            "weight_decay": s.weight_decay, "augment": cfg.eval.augment, "cutmix": s.cutmix,
+            "seed": cfg.seed}
+
+
+def _saved_scorer(ckpt: Path, recipe: dict, epochs: int | None, spec, ds: Dataset, g, device):
+    """The network of ``model.pt``, refused when it was trained otherwise than ``recipe`` asks
+    (never silently used in place of what was asked)."""
+    hint = "delete it to train the scorer again"
+    saved = load_tensors(ckpt, hint, device)
+    if isinstance(saved, dict) and isinstance(saved.get("recipe"), dict):
+        diff = [k for k in recipe if saved["recipe"].get(k) != recipe[k]]
+        if diff:
+            k = diff[0]
+            raise RunDirError(f"{ckpt} was trained with {k}={saved['recipe'].get(k)!r}, this "
+                              f"score asks {k}={recipe[k]!r}; {hint} with these settings")
+        saved = saved["state"]
+    elif epochs is not None:  # a model.pt of an earlier version: how it was trained is unknown
+        raise RunDirError(f"{ckpt} records no training settings, so --epochs {epochs} cannot "
+                          f"be honoured; {hint}")
+    name, opts = spec
+    model = build_model(name, ds.channels, ds.num_classes, ds.image_size, generator=g,
+                        device=device, **opts)
+    try:
+        model.load_state_dict(saved)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"{ckpt} does not fit model {name} on {ds.name}: "
+                          f"{first[:160]}") from None
+    return model

@@ -262,15 +262,7 @@ def _coerce(value: Any, tp, key: str):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}") from None
-        if not math.isfinite(f) or f != int(f):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return int(f)
+        return _integer(value, key)
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
@@ -286,6 +278,27 @@ def _coerce(value: Any, tp, key: str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return str(value)
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _integer(value: Any, key: str) -> int:
+    """An integer read exactly (never through a float, which rounds above 2^53): an int, a
+    string of digits, or a whole float below 2^53 (``1e3``)."""
+    bad = ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
+    if not math.isfinite(value) or value != int(value) or abs(value) >= 2 ** 53:
+        raise bad  # a float this large has already lost digits: ask for the integer itself
+    return int(value)
 
 
 def _build(cls, data: dict, prefix: str):
@@ -315,6 +328,50 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tag runs code), with a key given twice in a mapping an error
+    instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: PyYAML reports it below
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document of ``path`` (the safe loader, duplicate keys refused). A missing
+    file, a folder, bytes that are not UTF-8 and bad YAML are one ConfigError naming ``what``
+    ``path``, with the line where PyYAML places the problem."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                          f"offset {e.start})") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:  # one line: the problem, not PyYAML's position markers
+        what_went_wrong = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: "
+                          f"{' '.join(what_went_wrong.split())}") from None
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``"a.b=value"`` -> ``("a.b", value)`` with the value read as YAML."""
     if "=" not in item:
@@ -322,7 +379,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -359,12 +416,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        data = read_yaml(p, "config file") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         # a profile's benchmark section configures benchmarks/accuracy.py, not a run

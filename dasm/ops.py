@@ -20,7 +20,8 @@ has no double backward, so the compiled block serves evaluation and scoring, not
 :func:`set_backend`, fed by the config key ``backend``) forces one: ``reference``, ``triton``,
 ``ext``, ``compile``, or per op, ``grad_distance=triton,decode_augment=reference``.
 A forced backend that cannot run an op it implements is a :class:`BackendUnavailable` error, never a
-silent fallback; ops that a forced backend does not implement use the reference.
+silent fallback; a backend forced for one op that does not implement it is a ConfigError; a
+backend forced for every op serves the ops it implements, the reference the others.
 """
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ def parse_spec(spec: str, source: str) -> dict[str, str]:
                               f"{', '.join(BACKENDS)})")
         if op != "*" and op not in OPS:
             raise ConfigError(f"{source}: unknown op {op!r} (known: {', '.join(OPS)})")
+        if op != "*" and backend != "auto" and backend not in IMPLEMENTED[op]:
+            raise ConfigError(f"{source}: op {op} has no backend {backend!r} (it has: "
+                              f"{', '.join(IMPLEMENTED[op])})")
         out[op] = backend
     return out
 

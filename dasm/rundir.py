@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, io, ops, runtime
-from .config import Config, from_dict
+from .config import Config, from_dict, read_yaml
 from .rules import resolve_for
 from .data import Dataset, dataset_from_config
 from .errors import ConfigError, DasmError, RunDirError
@@ -52,17 +52,9 @@ class RunDir:
             io.append_jsonl(self.metrics, {"time": round(time.time(), 3), **record})
 
     def load_config(self) -> Config:
-        import yaml
-
         if not self.config.is_file():
             raise RunDirError(f"{self.path} is not a run directory (no config.yaml)")
-        try:
-            return from_dict(yaml.safe_load(self.config.read_text()) or {})
-        except yaml.YAMLError as e:  # one line: the problem, not PyYAML's position markers
-            what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            mark = getattr(e, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise RunDirError(f"{self.config} is not valid YAML{where}: {what}") from None
+        return from_dict(read_yaml(self.config, "run config") or {})
 
     def last_checkpoint(self) -> int:
         """Number of finished segments recorded (0 if none). Files not named like our

@@ -71,7 +71,7 @@ def test_score_command_writes_all_training_images(tmp_path):
     # the scores are those of the saved network on every training image, computed here directly
     ds = load_dataset("fashion-mnist", train_per_class=20, test_limit=500)
     model = build_model("convnet", 1, 10, (28, 28), torch.Generator(), width=8)
-    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True)["state"])
     mean, std = ds.mean_std()
     with torch.no_grad():
         logits = model.eval()(normalize(ds.train_images.float() / 255, mean, std))

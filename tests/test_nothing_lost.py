@@ -177,3 +177,48 @@ def test_lack_pool_short_of_its_init_is_refused_before_the_run(tmp_path, capsys)
                  "--out", str(out)]) == 2
     one_error_line(capsys, "segment 2", "dasm.tail_drop", "needs 15")
     assert not out.exists()
+
+
+# ------------------------------------------ 4. what was asked is done or refused, never changed
+def test_score_refuses_a_model_pt_of_other_epochs(smoke_run, tmp_path, capsys):
+    run = copy_of(smoke_run, tmp_path)
+    scores = tmp_path / "s.safetensors"
+    argv = ["score", "--config", SMOKE, "--model-from", str(run), "--out", str(scores)]
+    assert main([*argv, "--epochs", "1"]) == 0
+    assert main([*argv, "--epochs", "1"]) == 0  # the same settings reuse model.pt
+    before = snapshot(run)
+    assert main([*argv, "--epochs", "2"]) == 2
+    one_error_line(capsys, "model.pt", "epochs=1", "epochs=2")
+    assert snapshot(run) == before
+
+
+def test_backend_an_op_does_not_have_is_an_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "--config", SMOKE, "--out", str(out),
+                 "--set", "backend=decode_augment=ext"]) == 2
+    one_error_line(capsys, "decode_augment", "'ext'", "triton, compile, reference")
+    assert not out.exists()
+
+
+def test_eval_json_records_the_seed_and_settings(smoke_run, tmp_path):
+    import json
+
+    run = copy_of(smoke_run, tmp_path)
+    assert main(["evaluate", str(run), "--repeats", "1", "--set", "seed=3",
+                 "--set", "eval.lr=0.02"]) == 0
+    record = json.loads((run / "eval.json").read_text())["evaluations"][-1]
+    assert record["seed"] == 3 and record["eval"]["lr"] == 0.02
+    assert record["overrides"] == {"seed": 3, "eval.lr": 0.02}
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ("data:\n", "seed: 1\nseed: 2\ndata:\n", "'seed'"),
+    ("  epochs: 3\n", "  epochs: 3\n  epochs: 2\n", "'epochs'"),
+    ("runtime:\n", "eval:\n  epochs: 2\nruntime:\n", "'eval'")])
+def test_duplicate_yaml_key_is_an_error(tmp_path, capsys, old, new, key):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(open(SMOKE).read().replace(old, new))  # the smoke settings, a key twice
+    out = tmp_path / "run"
+    assert main(["distill", "--config", str(cfg), "--out", str(out)]) == 2
+    one_error_line(capsys, str(cfg), key, "twice", "line ")
+    assert not out.exists()
