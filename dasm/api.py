@@ -26,11 +26,7 @@ def _load_run(run_dir: str | Path, dataset: Dataset | None = None):
     cfg = run.load_config()
     sset = SyntheticSet.load(run.synthetic)
     ds = dataset if dataset is not None else dataset_from_config(cfg.data)
-    if sset.dataset and sset.dataset != ds.name:
-        raise RunDirError(f"{run.synthetic} was distilled from {sset.dataset}, config says {ds.name}")
-    if sset.num_classes != ds.num_classes or sset.image_size != ds.image_size:
-        raise RunDirError(f"{run.synthetic} ({sset.num_classes} classes, {sset.image_size}) does "
-                          f"not fit {ds.name} ({ds.num_classes} classes, {ds.image_size})")
+    sset.check_fits(ds, run.synthetic)
     return run, cfg, sset, ds
 
 
@@ -114,8 +110,7 @@ def export(run_dir: str | Path, fmt: str, to: str | Path) -> Path:
     (mean, std, classes, ipc, factor, ``normalised: true``) in folder ``to``; ``imagefolder``:
     ``to/train/<NNN>-<class>/<i>.png`` of the decoded images (8-bit), which
     ``--dataset imagefolder:<to>`` reads back. Refuses to write over existing files."""
-    run = RunDir(run_dir)
-    sset = SyntheticSet.load(run.synthetic)
+    _, _, sset, _ = _load_run(run_dir)  # the checks evaluate makes
     to = Path(to)
     if to.exists() and not to.is_dir():
         raise DasmError(f"export: --to {to} exists and is not a directory")
@@ -179,7 +174,7 @@ def info(run_dir: str | Path) -> dict:
            "files": sorted(p.name for p in run.path.iterdir()),
            "backends": ops.backend_table("cpu")}
     if run.synthetic.exists():
-        sset = SyntheticSet.load(run.synthetic)
+        _, _, sset, _ = _load_run(run.path)  # the checks evaluate makes
         out.update(method=sset.extra.get("method", ""), stored=list(sset.images.shape),
                    decoded=sset.num_classes * sset.decoded_per_class,
                    segment_sizes=sset.segment_sizes)

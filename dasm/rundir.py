@@ -23,7 +23,7 @@ from .errors import ConfigError, DasmError, RunDirError
 from .matching import check_engine
 from .models import model_options, model_skeleton
 from .plan import plan
-from .synthetic import real_needed
+from .synthetic import real_needed, stored_problem
 from .train import eval_model_spec
 
 CHECKPOINT = re.compile(r"segment_(\d{3,})\.pt")
@@ -97,8 +97,9 @@ class RunDir:
                     t, torch.Tensor) else type(t).__name__)
                 raise RunDirError(f"checkpoint {path}: entry {key!r} is {got}, expected {dtype} "
                                   f"{shape or ''}; {hint}")
-        if not torch.isfinite(state["stored"]).all():
-            raise RunDirError(f"checkpoint {path}: images hold NaN or infinity; {hint}")
+        problem = stored_problem(state["stored"])
+        if problem:
+            raise RunDirError(f"checkpoint {path}: {problem}; {hint}")
         return state
 
 

@@ -143,11 +143,13 @@ class SyntheticSet:
                 raise ValueError(f"factor {meta['factor']!r} is not an integer or a list of them")
             images = tensors["images"]
             C = len(classes)
-            if images.shape[0] != C * ipc or sum(segments) != ipc:
-                raise ValueError(f"{images.shape[0]} images for {C} classes x {ipc} IPC, "
+            if images.dim() != 4 or images.shape[0] != C * ipc or sum(segments) != ipc:
+                raise ValueError(f"images {tuple(images.shape)} for {C} classes x {ipc} IPC, "
                                  f"segments {segments}")
-            if not torch.isfinite(images).all():
-                raise ValueError("its images hold NaN or infinity")
+            problem = stored_problem(images, int(meta["channels"]),
+                                     tuple(json.loads(meta["image_size"])))
+            if problem:
+                raise ValueError(problem)
             labels = tensors["labels"]
             if not torch.equal(labels, torch.arange(C).repeat_interleave(ipc)):
                 raise ValueError("labels are not class-major")
@@ -157,6 +159,38 @@ class SyntheticSet:
                        tuple(json.loads(meta["std"])), extra)
         except (ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
             raise RunDirError(f"corrupt synthetic set {path}: {e}") from None
+
+
+    def check_fits(self, ds, path) -> None:
+        """A RunDirError naming ``path`` unless this set fits dataset ``ds``: its name, class
+        count, channels and image size."""
+        if self.dataset and self.dataset != ds.name:
+            raise RunDirError(f"{path} was distilled from {self.dataset}, config says {ds.name}")
+        have = (self.num_classes, self.images.shape[2], self.image_size)
+        want = (ds.num_classes, ds.channels, tuple(ds.image_size))
+        if have != want:
+            raise RunDirError(f"{path} ({have[0]} classes, {have[1]} channels, {have[2]}) does "
+                              f"not fit {ds.name} ({want[0]} classes, {want[1]} channels, "
+                              f"{want[2]})")
+
+
+def stored_problem(images: torch.Tensor, channels: int | None = None,
+                   size: tuple[int, ...] | None = None) -> str | None:
+    """What is wrong with stored synthetic images ``[..., ch, H, W]`` (a set's or a
+    checkpoint's), or None: the one check every reader shares. They must be float32, finite,
+    in [0, 1], and have ``channels`` and ``size`` where given."""
+    if images.dtype != torch.float32:
+        return f"images are {images.dtype}, expected float32 in [0, 1]"
+    if not torch.isfinite(images).all():
+        return "its images hold NaN or infinity"
+    if images.numel() and not (images.min() >= 0 and images.max() <= 1):
+        return (f"images lie in [{float(images.min()):g}, {float(images.max()):g}], expected "
+                f"[0, 1]")
+    if channels is not None and images.shape[-3] != channels:
+        return f"images have {images.shape[-3]} channels, its metadata says {channels}"
+    if size is not None and tuple(images.shape[-2:]) != tuple(size):
+        return f"images are {tuple(images.shape[-2:])}, its metadata says {tuple(size)}"
+    return None
 
 
 # ----------------------------------------------------------------------- decoding

@@ -222,3 +222,57 @@ def test_duplicate_yaml_key_is_an_error(tmp_path, capsys, old, new, key):
     assert main(["distill", "--config", str(cfg), "--out", str(out)]) == 2
     one_error_line(capsys, str(cfg), key, "twice", "line ")
     assert not out.exists()
+
+
+# ------------------------------------ 5. one check of a synthetic set, shared by every reader
+def damage_set(path, damage):
+    """Rewrite the synthetic set at ``path`` with consistent metadata but ``damage``."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors import safe_open
+
+    from dasm import io
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    x = tensors["images"]
+    if damage == "channels":  # 3 channels where the data has 1
+        tensors["images"], meta["channels"] = x.repeat(1, 3, 1, 1), "3"
+    elif damage == "size":
+        tensors["images"] = F.interpolate(x, size=(32, 32), mode="bilinear").clamp(0, 1)
+        meta["image_size"] = json.dumps([32, 32])
+    else:  # stored as 8-bit 0..255
+        tensors["images"] = (x * 255).round().to(torch.uint8)
+    io.save_safetensors(tensors, path, meta)
+
+
+@pytest.mark.parametrize("damage, needle", [("channels", "3 channels"), ("size", "(32, 32)"),
+                                            ("uint8", "torch.uint8")])
+@pytest.mark.parametrize("command", ["evaluate", "export", "info"])
+def test_damaged_set_is_refused_by_every_reader(smoke_run, tmp_path, capsys, damage, needle,
+                                                command):
+    run = copy_of(smoke_run, tmp_path)
+    damage_set(run / "synthetic.safetensors", damage)
+    before = snapshot(run)
+    extra = {"evaluate": ["--repeats", "1"], "info": [],
+             "export": ["--format", "ddranking", "--to", str(tmp_path / "exp")]}[command]
+    assert main([command, str(run), *extra]) == 2
+    one_error_line(capsys, "synthetic.safetensors", needle)
+    assert snapshot(run) == before and not (tmp_path / "exp").exists()
+
+
+def test_resume_refuses_a_checkpoint_out_of_range(smoke_run, tmp_path, capsys):
+    import torch
+
+    run = copy_of(smoke_run, tmp_path)
+    (run / "synthetic.safetensors").unlink()  # as if killed after its checkpoint
+    ck = run / "checkpoints" / "segment_001.pt"
+    state = torch.load(ck, weights_only=True)
+    state["stored"] = state["stored"] * 255
+    torch.save(state, ck)
+    before = snapshot(run)
+    assert main(["distill", "--config", SMOKE, "--out", str(run), "--resume"]) == 2
+    one_error_line(capsys, "segment_001.pt", "[0, 1]")
+    assert snapshot(run) == before
