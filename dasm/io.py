@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import struct
@@ -97,8 +98,19 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save``'s encoding of ``obj``, the same bytes for the same object: saved to a
+    buffer, its archive is named ``archive`` (saved to a file, it takes the file's name, and the
+    temporary file's random name would end up inside)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def torch_save(obj: Any, path: str | Path) -> None:
-    write_with(path, lambda p: torch.save(obj, p))
+    """Write ``torch.save(obj)`` atomically and deterministically."""
+    payload = torch_bytes(obj)
+    write_with(path, lambda p: p.write_bytes(payload))
 
 
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16",

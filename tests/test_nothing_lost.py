@@ -276,3 +276,35 @@ def test_resume_refuses_a_checkpoint_out_of_range(smoke_run, tmp_path, capsys):
     assert main(["distill", "--config", SMOKE, "--out", str(run), "--resume"]) == 2
     one_error_line(capsys, "segment_001.pt", "[0, 1]")
     assert snapshot(run) == before
+
+
+# ------------------------------------------------------------ 6. same seed, same bytes
+def _without_times(path):
+    """metrics.jsonl less its clock readings (the one thing two runs may not share)."""
+    from dasm import io
+
+    clocks = ("time", "seconds")
+    return [{k: v for k, v in r.items() if k not in clocks} for r in io.read_jsonl(path)]
+
+
+@pytest.mark.numerics
+def test_two_runs_give_byte_identical_folders_and_exports(smoke_run, tmp_path):
+    again = tmp_path / "again"
+    assert main(["distill", "--config", SMOKE, "--out", str(again)]) == 0
+    first = copy_of(smoke_run, tmp_path, "first")  # score writes model.pt into the run
+    for run in (first, again):
+        assert main(["export", str(run), "--format", "ddranking",
+                     "--to", str(tmp_path / f"{run.name}-dd")]) == 0
+        assert main(["score", "--config", SMOKE, "--model-from", str(run), "--epochs", "1",
+                     "--out", str(tmp_path / f"{run.name}.safetensors")]) == 0
+    files = sorted(str(p.relative_to(first)) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file())
+    assert {"checkpoints/segment_001.pt", "model.pt"} <= set(files)
+    for name in files:
+        if name == "metrics.jsonl":
+            assert _without_times(first / name) == _without_times(again / name)
+        else:
+            assert (first / name).read_bytes() == (again / name).read_bytes(), name
+    for name in ("images.pt", "labels.pt", "meta.json"):
+        assert (tmp_path / "first-dd" / name).read_bytes() == \
+            (tmp_path / "again-dd" / name).read_bytes(), name
