@@ -32,6 +32,7 @@ METHODS = {
     "dasm-fill": {**F1, "dasm.pool": "lack", "dasm.match_init": "fresh",
                   "dasm.lack_fill": "margin"},
     "dasm-f2": {"synthetic.factor": 2, "dasm.pool": "rank", "dasm.match_init": "fresh"},
+    "dasm-factor2": {"synthetic.factor": 2},  # the plan's pools and networks, at factor 2
     "dasm-design": BAND_SCORER,
     "dasm-fresh": {**BAND_SCORER, "dasm.match_init": "fresh"},
     "dasm-no-band": {**BAND_SCORER, "dasm.easy_drop": 0.0, "dasm.hard_drop": 0.0},
