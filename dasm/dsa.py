@@ -13,6 +13,7 @@ transform in composed form (one affine resampling, one per-pixel colour map).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -117,12 +118,10 @@ class DSAParams:
         if not self.strategy.cutout:
             z = torch.zeros_like(self.cut_center)
             return z, z
-        half = torch.tensor([cutout_size(H) // 2, cutout_size(W) // 2], device=self.flip.device)
-        size = torch.tensor([cutout_size(H), cutout_size(W)], device=self.flip.device)
-        lo = self.cut_center - half
-        hi = lo + size
-        lim = torch.tensor([H, W], device=self.flip.device)
-        return lo.clamp(min=0), torch.minimum(hi, lim)
+        (ch, cw), c = (cutout_size(H), cutout_size(W)), self.cut_center
+        lo = torch.stack([c[:, 0] - ch // 2, c[:, 1] - cw // 2], dim=1)  # no host constants
+        hi = torch.stack([(lo[:, 0] + ch).clamp(max=H), (lo[:, 1] + cw).clamp(max=W)], dim=1)
+        return lo.clamp(min=0), hi
 
     def pixel_affine(self) -> torch.Tensor:
         """``[M, 2, 3]`` float32 map from an output pixel (col x, row y, 1) to the source pixel
@@ -132,11 +131,7 @@ class DSAParams:
         Built from elementwise ops only (no host synchronisation on a GPU)."""
         H, W = self.size
         dev, f64 = self.flip.device, torch.float64
-        # normalised <-> pixel:  u = (2x + 1)/W - 1  <=>  x = ((u + 1) W - 1) / 2
-        to_norm = torch.tensor([[2.0 / W, 0, 1.0 / W - 1], [0, 2.0 / H, 1.0 / H - 1], [0, 0, 1]],
-                               dtype=f64, device=dev)
-        to_pix = torch.tensor([[W / 2.0, 0, (W - 1) / 2.0], [0, H / 2.0, (H - 1) / 2.0],
-                               [0, 0, 1]], dtype=f64, device=dev)
+        to_norm, to_pix, flip = _affine_constants(H, W, dev)
         one, zero = torch.ones_like(self.angle, dtype=f64), torch.zeros_like(self.angle, dtype=f64)
         is_scale, is_rot = self.geo == GEO_SCALE, self.geo == GEO_ROTATE
         cos, sin = torch.cos(self.angle.to(f64)), torch.sin(self.angle.to(f64))
@@ -151,7 +146,6 @@ class DSAParams:
                             torch.stack([zero, one, self.shift[:, 0].to(f64)], 1),
                             torch.stack([zero, zero, one], 1)], 1)
         A = torch.where((self.geo == GEO_CROP).view(-1, 1, 1), crop, A)
-        flip = torch.tensor([[-1.0, 0, W - 1], [0, 1, 0], [0, 0, 1]], dtype=f64, device=dev)
         A = torch.where(self.flip.view(-1, 1, 1), flip @ A, A)  # flip is applied first
         return A[:, :2, :].float()
 
@@ -166,42 +160,61 @@ class DSAParams:
         return torch.stack([k * s, k * (1 - s), b, 1 - k], dim=1)
 
 
+@functools.lru_cache(maxsize=16)
+def _affine_constants(H: int, W: int, device: torch.device):
+    """``3 x 3`` float64 pixel -> normalised and normalised -> pixel maps (``u = (2x + 1)/W -
+    1``) and the horizontal flip, made once per size and device (a host constant copied to a
+    GPU every call would wait for it)."""
+    f64 = dict(dtype=torch.float64, device=device)
+    to_norm = torch.tensor([[2.0 / W, 0, 1.0 / W - 1], [0, 2.0 / H, 1.0 / H - 1], [0, 0, 1]],
+                           **f64)
+    to_pix = torch.tensor([[W / 2.0, 0, (W - 1) / 2.0], [0, H / 2.0, (H - 1) / 2.0], [0, 0, 1]],
+                          **f64)
+    flip = torch.tensor([[-1.0, 0, W - 1], [0, 1, 0], [0, 0, 1]], **f64)
+    return to_norm, to_pix, flip
+
+
 def draw(strategy: Strategy, n: int, size: tuple[int, int], generator: torch.Generator,
          shared_geometric: bool = False, device=None) -> DSAParams:
-    """Draw ``n`` rows of DSA parameters on the CPU generator, then move them to ``device``.
+    """Draw ``n`` rows of DSA parameters on ``generator``'s device (a CPU generator gives the
+    CPU's stream as before; a GPU one, no host work), then move them to ``device``.
 
     ``shared_geometric``: one geometric op for all rows (IDC's per-call choice in per-sample
     mode); otherwise each row picks its own.
     """
     H, W = size
     g = generator
-    flip = torch.rand(n, generator=g) < FLIP_P if strategy.flip else torch.zeros(n, dtype=torch.bool)
+    dev = g.device
+    kw = dict(device=dev)
+    flip = torch.rand(n, generator=g, **kw) < FLIP_P if strategy.flip \
+        else torch.zeros(n, dtype=torch.bool, **kw)
     if strategy.color:
-        brightness = (torch.rand(n, generator=g) - 0.5) * BRIGHTNESS
-        saturation = torch.rand(n, generator=g) * SATURATION
-        contrast = torch.rand(n, generator=g) + CONTRAST
+        brightness = (torch.rand(n, generator=g, **kw) - 0.5) * BRIGHTNESS
+        saturation = torch.rand(n, generator=g, **kw) * SATURATION
+        contrast = torch.rand(n, generator=g, **kw) + CONTRAST
     else:
-        brightness, saturation, contrast = torch.zeros(n), torch.ones(n), torch.ones(n)
-    geo = torch.zeros(n, dtype=torch.int64)
+        brightness, saturation, contrast = (torch.zeros(n, **kw), torch.ones(n, **kw),
+                                            torch.ones(n, **kw))
+    geo = torch.zeros(n, dtype=torch.int64, **kw)
     if strategy.geometric:
-        codes = torch.tensor([GEOMETRIC[o] for o in strategy.geometric])
-        pick = torch.randint(len(codes), (1 if shared_geometric else n,), generator=g)
+        codes = torch.tensor([GEOMETRIC[o] for o in strategy.geometric], **kw)
+        pick = torch.randint(len(codes), (1 if shared_geometric else n,), generator=g, **kw)
         geo = codes[pick].expand(n).clone()
     sh, sw = crop_shift(H), crop_shift(W)
-    shift = torch.stack([torch.randint(-sh, sh + 1, (n,), generator=g),
-                         torch.randint(-sw, sw + 1, (n,), generator=g)], dim=1) \
-        if "crop" in strategy.geometric else torch.zeros(n, 2, dtype=torch.int64)
+    shift = torch.stack([torch.randint(-sh, sh + 1, (n,), generator=g, **kw),
+                         torch.randint(-sw, sw + 1, (n,), generator=g, **kw)], dim=1) \
+        if "crop" in strategy.geometric else torch.zeros(n, 2, dtype=torch.int64, **kw)
     lo = 1.0 / SCALE_RATIO
-    scale = torch.rand(n, 2, generator=g) * (SCALE_RATIO - lo) + lo \
-        if "scale" in strategy.geometric else torch.ones(n, 2)
-    angle = (torch.rand(n, generator=g) - 0.5) * 2 * ROTATE_DEG / 180 * math.pi \
-        if "rotate" in strategy.geometric else torch.zeros(n)
+    scale = torch.rand(n, 2, generator=g, **kw) * (SCALE_RATIO - lo) + lo \
+        if "scale" in strategy.geometric else torch.ones(n, 2, **kw)
+    angle = (torch.rand(n, generator=g, **kw) - 0.5) * 2 * ROTATE_DEG / 180 * math.pi \
+        if "rotate" in strategy.geometric else torch.zeros(n, **kw)
     if strategy.cutout:
         ch, cw = cutout_size(H), cutout_size(W)
-        cut = torch.stack([torch.randint(0, H + (1 - ch % 2), (n,), generator=g),
-                           torch.randint(0, W + (1 - cw % 2), (n,), generator=g)], dim=1)
+        cut = torch.stack([torch.randint(0, H + (1 - ch % 2), (n,), generator=g, **kw),
+                           torch.randint(0, W + (1 - cw % 2), (n,), generator=g, **kw)], dim=1)
     else:
-        cut = torch.zeros(n, 2, dtype=torch.int64)
+        cut = torch.zeros(n, 2, dtype=torch.int64, **kw)
     p = DSAParams(flip, brightness.float(), saturation.float(), contrast.float(), geo, shift,
                   scale.float(), angle.float(), cut, strategy, (H, W))
     return p.to(device) if device is not None else p

@@ -40,11 +40,11 @@ class ImageOptimizer:
     ``joint`` is one plain momentum step for all classes (``b' = mu b + g; x' = x - lr b'``).
     """
 
-    def __init__(self, lr: float, mu: float, num_classes: int, sequential: bool):
+    def __init__(self, lr: float, mu: float, num_classes: int, sequential: bool, device=None):
         self.lr, self.mu, self.C, self.sequential = lr, mu, num_classes, sequential
-        if sequential:
-            self.pre, self.keep, self.carry, self.total = \
-                sequential_momentum_coefficients(num_classes, mu)
+        if sequential:  # ``[C]`` float64 on ``device`` (the host by default), copied there once
+            self.pre, self.keep, self.carry, self.total = (
+                v.to(device) for v in sequential_momentum_coefficients(num_classes, mu))
 
     def lookahead(self, images: torch.Tensor, momentum: torch.Tensor) -> torch.Tensor:
         """Where each class's gradient is taken (``x_pre``; ``images`` for ``joint``)."""

@@ -113,6 +113,14 @@ class Matcher:
         if self.class_batching == "auto":
             # measured: vmap is ~2x slower than per-class autograd on CPU; on GPU it batches launches
             self.class_batching = "vmap" if self.device.type == "cuda" else "sequential"
+        # A step's random draws: on a GPU from a generator on the device, seeded from
+        # ``generator`` at each segment's start, so a step builds its indices there (no host
+        # work, no copies); on the CPU from ``generator`` itself, which keeps CPU runs' stream.
+        self.device_draws = self.device.type == "cuda"
+        self.draw_gen: torch.Generator | None = None
+        self._pool_table: tuple | None = None  # (pools, [C, L] indices, [C, L] padding)
+        self._device_rows: dict[tuple, torch.Tensor] = {}  # see _on
+        self._image_opts: dict[float, ImageOptimizer] = {}  # per image step, on the device
 
     # ------------------------------------------------------------------ network
     def new_network(self) -> nn.Module:
@@ -129,15 +137,25 @@ class Matcher:
         return ops.override()
 
     # -------------------------------------------------------------------- draws
+    def reseed_draws(self, device=None) -> None:
+        """With ``device_draws``: a fresh generator on ``device`` (default: the matcher's)
+        seeded from one draw of ``self.gen``; without, nothing (and ``self.gen`` is untouched)."""
+        if self.device_draws:
+            seed = int(torch.randint(2 ** 62, (), generator=self.gen))
+            self.draw_gen = torch.Generator(device=device or self.device).manual_seed(seed)
+
     def draw(self, pools: list[torch.Tensor], n_train: int, n_frozen: int,
              factor: int | None = None, frozen_factor: int | None = None) -> StepDraws:
         """Real indices from each class's pool, synthetic and frozen selections, DSA draws:
         ``n_train`` trainable images per class at ``factor`` and ``n_frozen`` frozen ones at
-        ``frozen_factor`` (both default to the config's uniform factor)."""
+        ``frozen_factor`` (both default to the config's uniform factor). With ``device_draws``
+        they come from :meth:`_draw_on_device`."""
         C, g = self.C, self.gen
         f = factor or self.factor
         ff = frozen_factor or self.factor or 1
         br = min(self.m.batch_real, min(len(p) for p in pools))
+        if self.device_draws:
+            return self._draw_on_device(pools, br, n_train, n_frozen, f, ff)
         real = torch.stack([p[torch.randperm(len(p), generator=g)[:br]] for p in pools])
         bt, bf = synthetic_batch(self.m, n_train * f * f, n_frozen * ff * ff)
         syn = torch.stack([torch.randperm(n_train * f * f, generator=g)[:bt] for _ in range(C)])
@@ -145,6 +163,37 @@ class Matcher:
         if n_frozen:
             frozen = torch.stack([torch.randperm(n_frozen * ff * ff, generator=g)[:bf]
                                   for _ in range(C)])
+        dsa = dsa_ops.draw(self.strategy, C, self.ds.image_size, g)
+        return StepDraws(real, syn, frozen, dsa, f, ff)
+
+    def _draw_on_device(self, pools, br: int, n_train: int, n_frozen: int, f: int,
+                        ff: int) -> StepDraws:
+        """:meth:`draw` from ``draw_gen``, every tensor made on its device: a uniform random
+        subset in random order is the ``k`` smallest of i.i.d. uniform keys, so each index set
+        is one ``rand`` and one ``topk`` for all classes (pools padded to ``[C, L]`` once per
+        list of pools, the padding keyed past every real key)."""
+        if self.draw_gen is None:
+            self.reseed_draws()
+        g, C = self.draw_gen, self.C
+        dev = g.device
+        if self._pool_table is None or self._pool_table[0] is not pools:
+            L = max(len(p) for p in pools)
+            table = torch.zeros(C, L, dtype=torch.int64)
+            pad = torch.ones(C, L, dtype=torch.bool)
+            for c, p in enumerate(pools):
+                table[c, :len(p)], pad[c, :len(p)] = p.cpu(), False
+            self._pool_table = (pools, table.to(dev), pad.to(dev))
+        _, table, pad = self._pool_table
+
+        def first(keys: torch.Tensor, k: int) -> torch.Tensor:
+            return keys.topk(k, dim=1, largest=False).indices
+
+        keys = torch.rand(table.shape, generator=g, device=dev).masked_fill_(pad, 2.0)
+        real = table.gather(1, first(keys, br))
+        bt, bf = synthetic_batch(self.m, n_train * f * f, n_frozen * ff * ff)
+        syn = first(torch.rand(C, n_train * f * f, generator=g, device=dev), bt)
+        frozen = first(torch.rand(C, n_frozen * ff * ff, generator=g, device=dev), bf) \
+            if n_frozen else None
         dsa = dsa_ops.draw(self.strategy, C, self.ds.image_size, g)
         return StepDraws(real, syn, frozen, dsa, f, ff)
 
@@ -159,12 +208,25 @@ class Matcher:
         ``factor``: ``sel [len(classes), B]`` -> ``[len(classes) * B, ch, H, W]`` (class-major)."""
         n = stored.shape[1]
         flat = stored.reshape(-1, *stored.shape[2:])
-        base = (classes.view(-1, 1) * (n * factor ** 2)).to(sel.device)
+        base = self._on(classes, sel.device).view(-1, 1) * (n * factor ** 2)
         return ops.decode_augment(flat, factor, (sel + base).reshape(-1).to(self.device),
                                   self._rows(dsa, classes, sel.shape[1]), self.mean, self.std)
 
     def _rows(self, dsa: dsa_ops.DSAParams, classes: torch.Tensor, per_class: int):
-        return dsa.index(torch.repeat_interleave(classes.cpu(), per_class))
+        """The siamese DSA rows of ``per_class`` samples of each of the host ``classes``."""
+        rows = self._on(classes, dsa.flip.device)
+        return dsa.index(rows.view(-1, 1).expand(-1, per_class).reshape(-1))
+
+    def _on(self, classes: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Host class rows ``classes [k]`` on ``device``: on a GPU a copy made once per distinct
+        list and kept, so a step copies nothing from the host (a blocking copy waits for the
+        device)."""
+        if device.type == "cpu":
+            return classes
+        key = (classes.dtype, *classes.tolist())  # a host tensor: no synchronisation
+        if key not in self._device_rows:
+            self._device_rows[key] = classes.to(device)
+        return self._device_rows[key]
 
     # ------------------------------------------------------------- gradients
     def _labels(self, c: int, n: int) -> torch.Tensor:
@@ -186,22 +248,25 @@ class Matcher:
         def loss_fn(w, xb, yb):
             return F.cross_entropy(functional_call(model, {**w, **fixed}, (xb,)), yb)
 
-        y = classes.to(self.device).view(-1, 1).expand(-1, x.shape[1])
+        y = self._on(classes, self.device).view(-1, 1).expand(-1, x.shape[1])
         g = vmap(grad(loss_fn), in_dims=(None, 0, 0))(weights, x, y)
         return [g[n] for n in self.matched]
 
     def _accumulate(self, model, weights, buffer, x: torch.Tensor, classes: torch.Tensor,
                     scale: float) -> None:
-        """``buffer[classes] += scale * grad`` without a graph; ``x [Cc, B, ...]``."""
+        """``buffer[classes] += scale * grad`` without a graph; ``x [Cc, B, ...]``, ``classes``
+        host rows (the extension reads them there; the reference takes them on the device)."""
+        host = ops.backend_for("accumulate_class_grads", buffer.device) == "ext"
+        rows = classes if host else self._on(classes, buffer.device)
         with torch.enable_grad():
             if self.class_batching == "vmap":
                 grads = self._vmap_grads(model, x.detach(), classes)
-                ops.accumulate_class_grads(buffer, grads, self.layout.offsets, classes, scale)
+                ops.accumulate_class_grads(buffer, grads, self.layout.offsets, rows, scale)
                 return
             for j, c in enumerate(classes.tolist()):
                 g = self._class_grad(model, weights, x[j].detach(), c, create_graph=False)
                 ops.accumulate_class_grads(buffer, [t.unsqueeze(0) for t in g], self.layout.offsets,
-                                           classes[j:j + 1], scale)
+                                           rows[j:j + 1], scale)
 
     def _chunk_classes(self, batch: int) -> int:
         """Classes per graph chunk: set, or chosen from ``memory_budget_mb``."""
@@ -254,7 +319,7 @@ class Matcher:
         return self._step_batched(model, draws, images, momentum, frozen, lr)
 
     def _step_batched(self, model, draws, images, momentum, frozen, lr):
-        opt = ImageOptimizer(lr, self.m.mom_img, self.C, self.m.image_update == "sequential")
+        opt = self._image_opt(lr)
         at = opt.lookahead(images, momentum)
         leaf = at.detach().requires_grad_(True)
         with self._matched_weights(model) as weights, self._block_override():
@@ -264,35 +329,58 @@ class Matcher:
         grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
         new_images, new_mom = opt.step(leaf.detach(), grad, images, momentum)
         if self.ctx.active:  # other ranks' classes stay as they were here
-            mask = bcast(self.own_mask, images).bool()
+            mask = bcast(self._on(self.own_mask, self.device), images).bool()
             new_images = torch.where(mask, new_images, images)
             new_mom = torch.where(mask, new_mom, momentum)
         return new_images.detach(), new_mom, losses
+
+    def _image_opt(self, lr: float) -> ImageOptimizer:
+        """The image optimiser of step ``lr``, its coefficients on the device (made once)."""
+        if lr not in self._image_opts:
+            self._image_opts[lr] = ImageOptimizer(lr, self.m.mom_img, self.C,
+                                                  self.m.image_update == "sequential",
+                                                  device=self.device)
+        return self._image_opts[lr]
 
     def _real_grads(self, model, weights, draws: StepDraws) -> torch.Tensor:
         """``[C, P]`` gradients of this rank's classes' real batches (no graph)."""
         own, br = self.own, draws.real.shape[1]
         gr = torch.zeros(self.C, self.layout.numel, device=self.device)
-        xr = self._real_batch(draws.real[own].reshape(-1), self._rows(draws.dsa, own, br))
-        self._accumulate(model, weights, gr, xr.view(len(own), br, *xr.shape[1:]),
-                         own.to(self.device), 1.0)
+        real = draws.real[self._on(own, draws.real.device)]
+        xr = self._real_batch(real.reshape(-1), self._rows(draws.dsa, own, br))
+        self._accumulate(model, weights, gr, xr.view(len(own), br, *xr.shape[1:]), own, 1.0)
         return gr
 
     def _frozen_grads(self, model, weights, draws: StepDraws,
                       frozen: torch.Tensor | None) -> torch.Tensor | None:
-        """``[C, P]`` mean gradient of each class's sampled frozen images (no graph), computed
-        ``match.frozen_chunk`` images per class at a time; None without frozen segments."""
+        """``[C, P]`` mean gradient of each class's sampled frozen images (no graph), computed in
+        chunks of at most :meth:`_frozen_chunk` images across classes (whole classes while one
+        class's sample fits, else part of one class); None without frozen segments."""
         if draws.frozen is None:
             return None
         own, n_f = self.own, draws.frozen.shape[1]
+        images = self._frozen_chunk()
+        per = min(n_f, images)  # images of a class in one chunk
+        k = max(1, images // n_f)  # classes in one chunk
         gf = torch.zeros(self.C, self.layout.numel, device=self.device)
-        for lo in range(0, n_f, self.m.frozen_chunk):
-            sel = draws.frozen[own, lo:lo + self.m.frozen_chunk]
-            with torch.no_grad():
-                xf = self._decoded(frozen, draws.frozen_factor, sel, own, draws.dsa)
-            self._accumulate(model, weights, gf, xf.view(len(own), sel.shape[1], *xf.shape[1:]),
-                             own.to(self.device), sel.shape[1] / n_f)
+        for c0 in range(0, len(own), k):
+            cls = own[c0:c0 + k]
+            for lo in range(0, n_f, per):
+                sel = draws.frozen[self._on(cls, draws.frozen.device), lo:lo + per]
+                with torch.no_grad():
+                    xf = self._decoded(frozen, draws.frozen_factor, sel, cls, draws.dsa)
+                self._accumulate(model, weights, gf,
+                                 xf.view(len(cls), sel.shape[1], *xf.shape[1:]), cls,
+                                 sel.shape[1] / n_f)
         return gf
+
+    def _frozen_chunk(self) -> int:
+        """Frozen images per graph-free chunk, counted across classes: ``match.frozen_chunk``,
+        and no more than ``match.memory_budget_mb`` holds at ~4 live float32 copies of every
+        activation of an image (forward kept for the backward, its gradients; no graph)."""
+        per_image = self._floats_per_image * 4 * 4  # bytes
+        return max(1, min(self.m.frozen_chunk,
+                          int(self.m.memory_budget_mb * 2 ** 20 // max(per_image, 1))))
 
     def _trainable_distance(self, model, weights, draws: StepDraws, leaf: torch.Tensor,
                             gr: torch.Tensor, gf: torch.Tensor | None) -> torch.Tensor:
@@ -306,8 +394,9 @@ class Matcher:
         chunk = self._chunk_classes(n_t + n_f)
         for lo in range(0, len(self.own), chunk):
             cls = self.own[lo:lo + chunk]
-            rows = cls.to(self.device)
-            xs = self._decoded(leaf, draws.factor, draws.syn[cls], cls, draws.dsa)
+            rows = self._on(cls, self.device)
+            xs = self._decoded(leaf, draws.factor, draws.syn[self._on(cls, draws.syn.device)],
+                               cls, draws.dsa)
             xs = xs.view(len(cls), n_t, *xs.shape[1:])
             if self.class_batching == "vmap":
                 gs = torch.cat([g.reshape(len(cls), -1)
@@ -345,6 +434,7 @@ class Matcher:
         frozen, frozen_factor = frozen if frozen is not None else (None, None)
         n_frozen = 0 if frozen is None else frozen.shape[1]
         frozen = None if frozen is None else frozen.to(self.device).float()
+        self.reseed_draws()  # per segment, so a resumed run draws as the uninterrupted one
         bar = tqdm(range(iterations), desc=f"segment {segment + 1}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
@@ -378,12 +468,14 @@ class Matcher:
 
 
 def _activation_probe(m: Matcher) -> list[torch.Tensor]:
-    """Per-image conv outputs of the matching network (shapes only, on the meta device)."""
+    """Per-image conv outputs of the matching network: one image through an uninitialised copy
+    on the CPU (shapes only; the meta device would cost its ~150 MB of kernels' imports)."""
     outs = []
     net = model_skeleton(m.model_name, m.ds.channels, m.C, m.ds.image_size, **m.model_opts)
+    net = net.to_empty(device="cpu")
     for mod in net.modules():
         if isinstance(mod, nn.Conv2d):
             mod.register_forward_hook(lambda _m, _i, o: outs.append(o[0]))
-    with ops.override(instance_norm_relu_pool="reference"):
-        net(torch.empty(1, m.ds.channels, *m.ds.image_size, device="meta"))
+    with ops.override(instance_norm_relu_pool="reference"), torch.no_grad():
+        net(torch.zeros(1, m.ds.channels, *m.ds.image_size))
     return outs

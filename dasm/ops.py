@@ -331,8 +331,9 @@ def accumulate_class_grads(buffer: torch.Tensor, grads: Sequence[torch.Tensor],
     """``buffer[classes[j], offsets[i]:offsets[i] + numel_i] += scale * grads[i][j].flatten()``.
 
     buffer: ``[C, P]`` float32, updated in place; grads: per-layer ``[B, *shape_i]``; classes:
-    ``[B]`` int64 rows (repeats accumulate), range-checked on the host (a GPU tensor is copied
-    there first, a synchronisation: pass host indices). Returns ``buffer``. No autograd.
+    ``[B]`` int64 rows (repeats accumulate). Host rows are range-checked and cost no
+    synchronisation (the matcher's); rows on a GPU are not checked, and the extension copies
+    them to the host first, a synchronisation. Returns ``buffer``. No autograd.
     """
     if len(grads) != len(offsets):
         raise ValueError("accumulate_class_grads: one offset per gradient tensor")
@@ -342,12 +343,14 @@ def accumulate_class_grads(buffer: torch.Tensor, grads: Sequence[torch.Tensor],
             a[1] > b[0] for a, b in zip(spans, spans[1:])):
         raise ValueError(f"accumulate_class_grads: layer spans {spans} overlap or leave the "
                          f"buffer's {buffer.shape[1]} columns")
-    classes = classes.cpu().contiguous()  # no-op for host indices (the matcher's)
     _check_range(classes, buffer.shape[0], "accumulate_class_grads: classes")
     b = _float32_only("accumulate_class_grads",
                       backend_for("accumulate_class_grads", buffer.device), buffer)
     with torch.no_grad():
         if b == "ext":
+            if classes.device.type != "cpu":  # the kernel reads host rows: a synchronisation
+                classes = classes.cpu()
+            classes = classes.contiguous()
             ext().accumulate_class_grads(buffer, list(grads), [int(o) for o in offsets], classes,
                                          float(scale))
             return buffer

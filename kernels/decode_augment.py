@@ -16,6 +16,8 @@ whose sample point lies within one pixel (a window around ``A^-1 r``), kernel 2 
 gradient through the colour ops, normalisation and the upsample; repeated tiles in ``sel`` are
 summed by ``index_put_(accumulate=True)``.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -238,12 +240,20 @@ def _grad_tile_kernel(gy_ptr, sel_ptr, prm_ptr, gsum_ptr, std_ptr, gt_ptr, H, W,
              mask=cmask & tmask)
 
 
+@functools.lru_cache(maxsize=4)
+def _identity_row(device: torch.device) -> torch.Tensor:
+    """``[16]`` parameters of no augmentation (A = A^-1 = identity, colour alpha 1), made once
+    per device (a host constant copied to a GPU on every call would wait for it)."""
+    row = torch.zeros(16)
+    row[[0, 4, 6, 10, 12]] = 1.0
+    return row.to(device)
+
+
 def _pack(params, M, device):
     """Per-sample parameters: [M, 16] float32 (A, A^-1, colour) and [M, 4] int32 cutout box,
     computed where ``params`` live (best: the CPU, as drawn) and copied to ``device`` once."""
     if params is None or not params.strategy.enabled:
-        prm = torch.zeros(M, 16, device=device)
-        prm[:, [0, 4, 6, 10, 12]] = 1.0
+        prm = _identity_row(torch.device(device)).expand(M, 16).clone()
         box = torch.zeros(M, 4, dtype=torch.int32, device=device)
         return prm, box, False
     A = params.pixel_affine()  # [M, 2, 3], on the parameters' device
@@ -252,10 +262,10 @@ def _pack(params, M, device):
     inv = torch.stack([torch.stack([d, -b], 1), torch.stack([-c, a], 1)], 1) / det.view(-1, 1, 1)
     tinv = -(inv @ A[:, :, 2:].double())
     Ainv = torch.cat([inv, tinv], dim=2).float()
-    # checked on the host (parameters drawn there, as the matcher's are, cost no synchronisation):
-    # a device assert would kill the CUDA context
-    extent = (Ainv[:, :, :2].abs().sum(2)).max()
-    if float(extent) > MAX_EXTENT:
+    # checked where the parameters live on the host (no synchronisation); a device assert would
+    # kill the CUDA context, so parameters on a GPU (the matcher's device draws) are not checked:
+    # dsa.draw's ranges bound the extent by 1.23 (scale 1.2, rotation 15 degrees)
+    if Ainv.device.type == "cpu" and float(Ainv[:, :, :2].abs().sum(2).max()) > MAX_EXTENT:
         raise ValueError(f"decode_augment (triton): a geometric transform shrinks by more than "
                          f"{MAX_EXTENT}x; use the reference backend")
     lo, hi = params.cutout_box()
