@@ -18,8 +18,8 @@ from dasm.plan import auto_factor, large_phi  # noqa: E402
 
 from _common import RESULTS, commit, table  # noqa: E402
 
-CELLS = {"300": 300, "1000": 1000, "5000": 5000, "-digits": None,
-         "-mnist5k": 300}  # results file tag suffix -> training images per class (None: 8 px digits)
+# results file tag suffix -> training images per class (None: the 8 px digits)
+CELLS = {"300": 300, "1000": 1000, "5000": 5000, "-digits": None, "-mnist5k": 300}
 PASS_D, PASS_R = -0.3, 0.0
 
 
