@@ -173,6 +173,7 @@ def info(run_dir: str | Path) -> dict:
            "config_identity": cfg.identity(), "segments_done": run.last_checkpoint(),
            "files": sorted(p.name for p in run.path.iterdir()),
            "backends": ops.backend_table("cpu")}
+    _check_newest_checkpoint(run, cfg, out)
     if run.synthetic.exists():
         _, _, sset, _ = _load_run(run.path)  # the checks evaluate makes
         out.update(method=sset.extra.get("method", ""), stored=list(sset.images.shape),
@@ -182,6 +183,16 @@ def info(run_dir: str | Path) -> dict:
         out["evaluations"] = [{k: e.get(k) for k in ("model", "epochs", "mean", "std", "accuracies")}
                               for e in evaluations(run)]
     return out
+
+
+def _check_newest_checkpoint(run: RunDir, cfg: Config, out: dict) -> None:
+    """A newest checkpoint that does not load as this run's counts no finished segment: info
+    says so (``checkpoint_problem``) instead of counting it."""
+    if out["segments_done"]:
+        try:
+            run.load_checkpoint(out["segments_done"], cfg.identity())
+        except RunDirError as e:
+            out.update(segments_done=0, checkpoint_problem=str(e))
 
 
 def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | None = None,

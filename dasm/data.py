@@ -244,16 +244,21 @@ def _load_imagefolder(path: Path, channels: int = 0, image_size: int = 0):
     if len(classes) < 2:
         raise DataError(f"imagefolder {path}/train: {len(classes)} class folder(s); "
                         f"classification needs at least 2")
+    files = {split: [(f, c) for c, cname in enumerate(classes)
+                     if (splits[split] / cname).is_dir()
+                     for f in sorted((splits[split] / cname).iterdir())
+                     if f.suffix.lower() in IMAGE_EXTS]
+             for split in splits}
+    empty = sorted(set(range(len(classes))) - {c for _, c in files["train"]})
+    if empty:  # the train split's problem, named before any of the test split's
+        raise DataError(f"imagefolder {splits['train'] / classes[empty[0]]}: no images (an "
+                        f"empty class folder of train/; {len(empty)} such)")
     if "test" in splits:
         have = {p.name for p in splits["test"].iterdir() if p.is_dir()}
         lacking = [c for c in classes if c not in have]
         if lacking:
             raise DataError(f"imagefolder {splits['test']}: no folder for class "
                             f"{lacking[0]!r} of train/ ({len(lacking)} class(es) missing)")
-    files = {split: [(f, c) for c, cname in enumerate(classes)
-                     for f in sorted((splits[split] / cname).iterdir())
-                     if (splits[split] / cname).is_dir() and f.suffix.lower() in IMAGE_EXTS]
-             for split in splits}
     modes, sizes = Counter(), Counter()
     for f, _ in [x for split in files.values() for x in split]:
         try:

@@ -1,6 +1,7 @@
 """Atomic file output: a file is either the complete new version or the old one, never half.
 
-Everything is written to a temporary file in the destination folder (``.<name>.<random>.tmp``)
+Everything is written to a temporary file in the destination folder
+(``.<name>.<pid>.<random>.tmp``)
 and moved into place with ``os.replace``, with the permissions the umask gives a new file.
 Metrics are appended as JSON lines. safetensors files are written here, byte for byte the same
 for the same tensors and metadata (the library's own writer orders metadata by hash).
@@ -12,6 +13,7 @@ import errno
 import io
 import json
 import os
+import re
 import struct
 import tempfile
 import time
@@ -30,15 +32,39 @@ def _umask() -> int:
     return mask
 
 
+WRITER = re.compile(r"\.(\d+)\.[^.]+" + re.escape(TMP_SUFFIX) + "$")  # .<name>.<pid>.<random>.tmp
+
+
+def _tmp_prefix(path: Path) -> str:
+    """Temporary files carry the writer's process id, so a dead writer's are known at once."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _writer_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's live process
+        return True
+    return True
+
+
 def remove_stale_temporaries(folder: str | Path, older_than_s: float = 60.0) -> list[Path]:
     """Delete temporary files of :func:`atomic_path`'s naming in ``folder`` left by a killed
-    write (older than ``older_than_s``, so a concurrent writer's live file is spared)."""
+    write: at once when the process that wrote it has gone, else (a name without a process id,
+    or one of a live writer that may be on another machine) only when older than
+    ``older_than_s``, so a concurrent writer's live file is spared."""
     folder, now, gone = Path(folder), time.time(), []
     if not folder.is_dir():
         return gone
     for p in folder.glob(f".*{TMP_SUFFIX}"):
+        writer = WRITER.search(p.name)
         try:
-            if p.is_file() and now - p.stat().st_mtime > older_than_s:
+            dead = writer is not None and not _writer_alive(int(writer.group(1)))
+            if p.is_file() and (dead or now - p.stat().st_mtime > older_than_s):
                 p.unlink()
                 gone.append(p)
         except OSError:
@@ -58,7 +84,7 @@ def check_writable(path: str | Path, append: bool = False) -> None:
     try:
         if not folder.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{folder} is not a folder")
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=folder)
         os.close(fd)
         os.unlink(probe)
         if append and path.is_file():
@@ -72,7 +98,7 @@ def atomic_path(path: str | Path):
     """Yield a temporary path next to ``path``; move it onto ``path`` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

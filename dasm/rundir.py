@@ -7,9 +7,9 @@ whether a directory belongs to a config and whether a checkpoint may be resumed 
 """
 from __future__ import annotations
 
-import pickle
 import re
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -108,11 +108,23 @@ def load_tensors(path: Path, hint: str, map_location="cpu"):
     strings and containers. A damaged, truncated or malicious file is one RunDirError naming
     ``path``, its first error line and ``hint``."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError,
-            ValueError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunDirError(f"{path} cannot be read safely ({first[:160]}); {hint}") from None
+        with warnings.catch_warnings():  # torch warns of pickle protocols before it refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file makes torch raise many kinds
+        raise RunDirError(f"{path} cannot be read safely ({_load_problem(path, e)}); "
+                          f"{hint}") from None
+
+
+def _load_problem(path: Path, e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused ``path``, in whole sentences on one line."""
+    text = " ".join(str(e).split())
+    if path.is_file() and not zipfile.is_zipfile(path):
+        return "not a torch archive: a plain pickle, or a damaged file"
+    refused = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", text)
+    if refused:
+        return f"it holds more than tensors, numbers and strings: {refused.group(1).rstrip('.')}"
+    return text or type(e).__name__
 
 
 def preflight(cfg: Config, ds: Dataset) -> None:

@@ -31,13 +31,17 @@ def _held_to_mode_bits():
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
-def dasm_without_write_rights(argv, timeout=90):
-    """``python -m dasm argv`` in a child process that cannot write where the mode bits say
-    no, even when the tests run as root. Returns the CompletedProcess."""
+def dasm_child(argv, timeout=90, preexec_fn=None):
+    """``python -m dasm argv`` in a child process (its whole stderr is seen, warnings too)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     return subprocess.run([sys.executable, "-m", "dasm", *map(str, argv)], cwd=ROOT, env=env,
-                          preexec_fn=_held_to_mode_bits, capture_output=True, text=True,
-                          timeout=timeout)
+                          preexec_fn=preexec_fn, capture_output=True, text=True, timeout=timeout)
+
+
+def dasm_without_write_rights(argv, timeout=90):
+    """:func:`dasm_child` that cannot write where the mode bits say no, even when the tests
+    run as root. Returns the CompletedProcess."""
+    return dasm_child(argv, timeout, _held_to_mode_bits)
 
 
 def read_only(folder):
@@ -308,3 +312,79 @@ def test_two_runs_give_byte_identical_folders_and_exports(smoke_run, tmp_path):
     for name in ("images.pt", "labels.pt", "meta.json"):
         assert (tmp_path / "first-dd" / name).read_bytes() == \
             (tmp_path / "again-dd" / name).read_bytes(), name
+
+
+# ------------------------------------------------------------- 7. one line, and the right one
+@pytest.mark.parametrize("content, needles", [
+    (b"seed: 1\nmodel:\n  width: \xff\n", ["not UTF-8", "0xff"]),
+    (b"seed: 1\ndata: [1, 2\n", ["not valid YAML", "line "]),
+    (b"seed: !!python/object/apply:os.system ['true']\n", ["line 1", "python/object"]),
+])
+def test_bad_config_file_is_one_line(tmp_path, capsys, content, needles):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(content)
+    out = tmp_path / "run"
+    assert main(["distill", "--config", str(cfg), "--out", str(out)]) == 2
+    one_error_line(capsys, str(cfg), *needles)
+    assert not out.exists()
+
+
+def test_config_given_a_folder_says_so(tmp_path, capsys):
+    assert main(["distill", "--config", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    one_error_line(capsys, str(tmp_path), "is a folder")
+
+
+def test_seeds_are_read_as_integers_never_through_a_float(tmp_path, capsys):
+    from dasm.config import load_config
+
+    big = 2 ** 53 + 1  # a float holds 2^53 + 1 as 2^53: the two seeds would collide
+    assert load_config(SMOKE, extra={"seed": big}).seed == big
+    assert load_config(SMOKE, [f"seed={big}"]).seed == big
+    assert load_config(SMOKE, [f"seed={big}"]).identity() != \
+        load_config(SMOKE, [f"seed={big - 1}"]).identity()
+    assert main(["distill", "--config", SMOKE, "--seed", "99999999999999999999",
+                 "--out", str(tmp_path / "run")]) == 2
+    one_error_line(capsys, "got 99999999999999999999")  # the number typed, not 1e20's
+
+
+@pytest.mark.parametrize("content", [b"plain", b"code"])
+def test_plain_pickle_checkpoint_is_one_whole_line(smoke_run, tmp_path, content):
+    import pickle
+
+    run = copy_of(smoke_run, tmp_path)
+    (run / "synthetic.safetensors").unlink()
+    obj = {"stored": 1} if content == b"plain" else print
+    (run / "checkpoints" / "segment_001.pt").write_bytes(pickle.dumps(obj, protocol=4))
+    proc = dasm_child(["distill", "--config", SMOKE, "--out", run, "--resume"])
+    one_line(proc, "segment_001.pt", "cannot be read safely (not a torch archive")
+    assert proc.stderr.rstrip().endswith("delete it to recompute that segment"), proc.stderr
+
+
+def test_empty_train_class_folder_is_named_in_train(tmp_path, capsys):
+    root = few_images_folder(tmp_path / "folder", 3)
+    (root / "train" / "d").mkdir()  # an empty class folder, and so none in test/
+    assert main(["distill", "--config", SMOKE, "--dataset", f"imagefolder:{root}",
+                 "--out", str(tmp_path / "run")]) == 2
+    one_error_line(capsys, str(root / "train" / "d"), "no images")
+
+
+def test_info_does_not_count_a_junk_checkpoint(smoke_run, tmp_path, capsys):
+    import json
+
+    run = copy_of(smoke_run, tmp_path)
+    (run / "checkpoints" / "segment_002.pt").write_text("junk")
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["segments_done"] == 0 and "segment_002.pt" in shown["checkpoint_problem"]
+
+
+def test_a_killed_writers_young_temporary_is_removed_on_resume(smoke_run, tmp_path):
+    run = copy_of(smoke_run, tmp_path)
+    (run / "synthetic.safetensors").unlink()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a writer that has exited: its process id names no process now
+    young = run / f".synthetic.safetensors.{gone.pid}.k9x2ab7q.tmp"
+    young.write_text("half a file")
+    assert main(["distill", "--config", SMOKE, "--out", str(run), "--resume"]) == 0
+    assert not young.exists()
