@@ -17,6 +17,7 @@ from typing import Any, List, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from . import io
 from .errors import ConfigError
 from .plan import AUTO, LACK_KEYS
 from .validation import FRACTIONS, NON_NEGATIVE, POSITIVE, validate  # noqa: F401 (re-exported)
@@ -328,26 +329,6 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (no tag runs code), with a key given twice in a mapping an error
-    instead of the last one silently winning."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                    seen.add(key)
-                except TypeError:  # an unhashable key: PyYAML reports it below
-                    continue
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice", key_node.start_mark)
-        return super().construct_mapping(node, deep)
-
-
 def read_yaml(path: Path, what: str) -> Any:
     """The YAML document of ``path`` (the safe loader, duplicate keys refused). A missing
     file, a folder, bytes that are not UTF-8 and bad YAML are one ConfigError naming ``what``
@@ -363,7 +344,7 @@ def read_yaml(path: Path, what: str) -> Any:
         raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
                           f"offset {e.start})") from None
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        return io.load_yaml(text)
     except yaml.YAMLError as e:  # one line: the problem, not PyYAML's position markers
         what_went_wrong = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
         mark = getattr(e, "problem_mark", None)
@@ -379,7 +360,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
+        value = io.load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value

@@ -3,7 +3,7 @@
 Everything is written to a temporary file in the destination folder
 (``.<name>.<pid>.<random>.tmp``)
 and moved into place with ``os.replace``, with the permissions the umask gives a new file.
-Metrics are appended as JSON lines. safetensors files are written here, byte for byte the same
+Metrics are appended as JSON lines; YAML is read with a key given twice refused. safetensors files are written here, byte for byte the same
 for the same tensors and metadata (the library's own writer orders metadata by hash).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 
 
 TMP_SUFFIX = ".tmp"
@@ -107,6 +108,31 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tag runs code), with a key given twice in a mapping an error
+    instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: PyYAML reports it below
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """The YAML document ``text`` read by :class:`StrictLoader`."""
+    return yaml.load(text, Loader=StrictLoader)
 
 
 def write_text(path: str | Path, text: str) -> None:
