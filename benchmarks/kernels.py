@@ -7,11 +7,19 @@ bandwidth reached; then the matching step of the last segment at IPC 50 and 1000
 image in the step) per backend and class batching: ms, class-steps/s, max memory allocated.
 
     python benchmarks/kernels.py [--out results/kernels-gpu.json] [--quick]
+    python benchmarks/kernels.py --table-from results/gpu/kernels-gpu.json [more.json ...]
+
+A measurement also writes ``auto-table.json`` beside ``--out``: per shape class (op, pass, and
+the metric or dtype where they differ), each backend's median milliseconds and the fastest.
+``--table-from`` (no GPU needed) merges measurement files into ``results/gpu/auto-table.json``
+and writes it as :mod:`dasm.autotable`, which ``auto`` reads on CUDA (dasm/ops.py).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pprint
 import sys
 import time
 
@@ -134,6 +142,26 @@ def bench_decode_augment(bw, rows, stored_n=2048, factor=2, size=28):
         time_variants(f"decode_augment {strategy} M={M}", impl, nbytes, bw, rows, backward=fb)
 
 
+def bench_accumulate(bw, rows, classes=10):
+    """accumulate_class_grads on the ConvNet-3 layout (width 128): reference ``index_add_`` per
+    layer (device rows) against the extension's one CUDA launch (host rows)."""
+    from dasm import ops
+    from dasm._ext import ext
+
+    shapes = [(128, 1, 3, 3), (128, 128, 3, 3), (128, 128, 3, 3)]
+    layout = ops.GradLayout.from_shapes(["a", "b", "c"], shapes)
+    buffer = torch.zeros(classes, layout.numel, device="cuda")
+    grads = [torch.randn(classes, *s, device="cuda") for s in shapes]
+    host, dev = torch.arange(classes), torch.arange(classes, device="cuda")
+    ref = ops.reference("accumulate_class_grads")
+    mod = ext()
+    impl = {"eager": lambda: ref(buffer, grads, layout.offsets, dev, 1.0),
+            "ext": (lambda: mod.accumulate_class_grads(buffer, grads, list(layout.offsets), host,
+                                                       1.0)) if mod and mod.has_cuda() else None}
+    time_variants(f"accumulate_class_grads C={classes} P={layout.numel}", impl,
+                  2 * buffer.numel() * 4, bw, rows)
+
+
 def bench_block(bw, rows, n=512, c=128, size=28):
     """instance_norm_relu_pool: forward, fwd+bwd, and fwd+bwd+double backward (what matching
     runs); torch.compile has no double backward, so it is timed on the first two only."""
@@ -221,11 +249,109 @@ def bench_matching_step(rows, ipc=50, segment=50, width=128, steps=5,
     return out
 
 
+# ======================================================================= the auto table
+VARIANT_BACKEND = {"eager": "reference", "compile": "compile", "triton": "triton", "ext": "ext"}
+
+
+def shape_class(row: dict) -> str | None:
+    """The auto table's key of a measurement row (the shape class dasm/ops.py looks up), or
+    None for rows that are no op's (the matching step)."""
+    op, *rest = row["op"].split()
+    if op == "sample_scores":
+        return f"sample_scores/{rest[0]}"  # the dtype; forward only
+    if op == "grad_distance":
+        return f"grad_distance/{rest[0]}/{row['pass']}"  # the metric
+    if op in ("decode_augment", "instance_norm_relu_pool"):
+        return f"{op}/{row['pass']}"
+    if op == "accumulate_class_grads":
+        return op
+    return None
+
+
+def device_row(payload: dict, source: str) -> dict:
+    """One device's row of the auto table from a measurement file: per shape class the summed
+    median ms of each backend measured on every one of its rows, and the choice: the backend
+    fastest on every row (else the fastest in total)."""
+    per_row: dict[tuple, dict] = {}
+    for r in payload["rows"]:
+        key = shape_class(r)
+        if key is None or "ms" not in r or r["variant"] not in VARIANT_BACKEND:
+            continue
+        per_row.setdefault((key, r["op"], r["pass"]), {})[VARIANT_BACKEND[r["variant"]]] = r["ms"]
+    classes: dict[str, list[dict]] = {}
+    for (key, _, _), times in per_row.items():
+        classes.setdefault(key, []).append(times)
+    ms, choice = {}, {}
+    for key, rows in sorted(classes.items()):
+        common = set.intersection(*(set(t) for t in rows))
+        total = {b: round(sum(t[b] for t in rows), 4) for b in sorted(common)}
+        everywhere = [b for b in total if all(t[b] <= min(t[c] for c in common) for t in rows)]
+        ms[key] = total
+        choice[key] = everywhere[0] if everywhere else min(total, key=total.get)
+    m = payload["machine"]
+    return {"source": {"file": source, "commit": m.get("commit"), "device": m.get("gpu"),
+                       "torch": m.get("torch"), "triton": m.get("triton")},
+            "choice": choice, "ms": ms}
+
+
+def defaults(table: dict) -> dict:
+    """Per shape class, for a device without a row: ``compile`` where it beat the reference on
+    every device that measured both, else the reference."""
+    out = {}
+    for key in sorted({k for row in table.values() for k in row["ms"]}):
+        pairs = [row["ms"][key] for row in table.values()
+                 if key in row["ms"] and {"compile", "reference"} <= set(row["ms"][key])]
+        win = pairs and all(t["compile"] < t["reference"] for t in pairs)
+        out[key] = "compile" if win else "reference"
+    return out
+
+
+def write_table(sources: list[str], json_path="results/gpu/auto-table.json",
+                module_path="dasm/autotable.py") -> dict:
+    """Merge measurement files (a later one replaces an earlier row of the same device) into
+    the table at ``json_path`` (rows already there kept) and write it as a module."""
+    table = {}
+    if json_path and os.path.exists(json_path):
+        with open(json_path) as f:
+            table = json.load(f)["devices"]
+    for src in sources:
+        with open(src) as f:
+            row = device_row(json.load(f), src)
+        table[row["source"]["device"]] = row
+    out = {"devices": dict(sorted(table.items())), "default": defaults(table)}
+    if json_path:
+        io.write_json(json_path, out)
+    if module_path:
+        text = ('"""Which backend ``auto`` picks on CUDA, per device name and shape class: '
+                'written by\n``benchmarks/kernels.py --table-from`` (with '
+                'results/gpu/auto-table.json); do not edit by hand.\n\n'
+                'TABLE[device]["choice"][class] is the fastest backend measured (median ms in\n'
+                'TABLE[device]["ms"], summed over the class\'s rows; the measurement file, '
+                'commit and\ndevice in TABLE[device]["source"]); DEFAULT serves devices without '
+                'a row.\n"""\n\n'
+                f"TABLE = {pprint.pformat(out['devices'], width=99, sort_dicts=True)}\n\n"
+                f"DEFAULT = {pprint.pformat(out['default'], width=99, sort_dicts=True)}\n")
+        tmp = module_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, module_path)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="results/kernels-gpu.json")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--table-from", nargs="+", metavar="JSON",
+                   help="write results/gpu/auto-table.json and dasm/autotable.py from these "
+                        "measurement files, measure nothing")
     a = p.parse_args()
+    if a.table_from:
+        out = write_table(a.table_from)
+        for device, row in out["devices"].items():
+            print(device, row["source"]["commit"], row["choice"])
+        print("default", out["default"])
+        return 0
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA device; nothing measured")
         return 0
@@ -236,6 +362,7 @@ def main():
     bench_grad_distance(bw, rows)
     bench_decode_augment(bw, rows, stored_n=512 if a.quick else 2048)
     bench_block(bw, rows, n=128 if a.quick else 512)
+    bench_accumulate(bw, rows)
     step = bench_matching_step(rows, steps=3 if a.quick else 5)
     best = min((v, k) for k, v in step.items() if k[0] == "auto")[1] if step else None
     if best:  # the last segment at IPC 1000, every frozen image in the step
@@ -248,6 +375,9 @@ def main():
                "matching_step_speedup": round(ref / step[best], 2) if ref and best else None}
     io.write_json(a.out, payload)  # atomic, like every results file
     print(f"-> {a.out}")
+    table = os.path.join(os.path.dirname(os.path.abspath(a.out)), "auto-table.json")
+    write_table([a.out], json_path=table, module_path=None)
+    print(f"-> {table} (into the package: python benchmarks/kernels.py --table-from {a.out})")
     return 0
 
 

@@ -312,11 +312,12 @@ class Matcher:
         loss [C])``.
         """
         lr = self.m.lr_img if lr_img is None else lr_img
-        if self.m.engine == "loop":
-            from .loop_engine import step_loop
+        with ops.second_order():  # the block's backward is differentiated again
+            if self.m.engine == "loop":
+                from .loop_engine import step_loop
 
-            return step_loop(self, model, draws, images, momentum, frozen, lr)
-        return self._step_batched(model, draws, images, momentum, frozen, lr)
+                return step_loop(self, model, draws, images, momentum, frozen, lr)
+            return self._step_batched(model, draws, images, momentum, frozen, lr)
 
     def _step_batched(self, model, draws, images, momentum, frozen, lr):
         opt = self._image_opt(lr)

@@ -13,10 +13,12 @@ instance_norm_relu_pool    instance norm + ReLU (+ 2x2 average pool), twice     
 
 ``reference`` is pure PyTorch and the specification; ``triton`` kernels live in
 :mod:`dasm.kernels` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``ext`` is the
-compiled extension :mod:`dasm._C`; ``compile`` is ``torch.compile`` of the reference, on CUDA,
-never chosen by ``auto`` (force it per op where the GPU benchmark shows it ahead; *torch.compile
-has no double backward, so the compiled block serves evaluation and scoring, not matching).
-``auto`` picks the fastest backend that is available and applicable. ``DASM_BACKEND`` (or
+compiled extension :mod:`dasm._C`; ``compile`` is ``torch.compile`` of the reference, on CUDA
+(*torch.compile has no double backward, so the compiled block serves evaluation and scoring,
+not matching). ``auto`` on the CPU picks the extension where built, else the reference; on
+CUDA it picks by measurement, per device name and shape class (pass, metric, dtype), from
+:mod:`dasm.autotable`, written by ``benchmarks/kernels.py`` (:func:`measured_choice`), so it
+never runs a path its table shows slower. ``DASM_BACKEND`` (or
 :func:`set_backend`, fed by the config key ``backend``) forces one: ``reference``, ``triton``,
 ``ext``, ``compile``, or per op, ``grad_distance=triton,decode_augment=reference``.
 A forced backend that cannot run an op it implements is a :class:`BackendUnavailable` error, never a
@@ -182,10 +184,56 @@ def _applicable(op: str, backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend}"
 
 
-def backend_for(op: str, device: torch.device | str) -> str:
-    """The backend ``op`` runs on for tensors on ``device``."""
+# ======================================================================= auto on CUDA
+_second_order_depth = 0
+
+
+@contextlib.contextmanager
+def second_order():
+    """Inside, the fused block's backward is differentiated again (gradient matching): ``auto``
+    picks its backend among those measured with the double backward (never ``compile``)."""
+    global _second_order_depth
+    _second_order_depth += 1
+    try:
+        yield
+    finally:
+        _second_order_depth -= 1
+
+
+def _passes(*tensors: torch.Tensor) -> str:
+    """``fwd+bwd`` when autograd will differentiate through the call, else ``fwd``."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return "fwd+bwd" if grad else "fwd"
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(device: torch.device) -> str:
+    """``torch.cuda.get_device_name`` (e.g. ``NVIDIA H200``), the auto table's row key."""
+    return torch.cuda.get_device_name(device)
+
+
+def measured_choice(op: str, shape: str | None, device: torch.device) -> str:
+    """``auto``'s backend on CUDA: the fastest one :mod:`dasm.autotable` measured for ``op``
+    and shape class ``shape`` on this device's name; a device or class without a row gets the
+    table's default (``compile`` where it beat the reference on every device measured, else the
+    reference). A choice that cannot run here falls back the same way."""
+    from . import autotable
+
+    key = f"{op}/{shape}" if shape else op
+    row = autotable.TABLE.get(_device_name(device), {}).get("choice", {})
+    for b in (row.get(key), autotable.DEFAULT.get(key)):
+        if b is not None and b in IMPLEMENTED[op] and _applicable(op, b, device) is None:
+            return b
+    return "reference"
+
+
+def backend_for(op: str, device: torch.device | str, shape: str | None = None) -> str:
+    """The backend ``op`` runs on for tensors on ``device``; on CUDA ``auto`` looks up the
+    shape class ``shape`` (see :func:`measured_choice`; the ops pass it)."""
     device = torch.device(device)
     pref = _preference(op)
+    if pref == "auto" and device.type == "cuda":
+        return measured_choice(op, shape, device)
     if pref == "auto":
         for b in IMPLEMENTED[op]:
             if (b == "triton" and device.type != "cuda") or b == "compile":
@@ -207,8 +255,24 @@ def backend_for(op: str, device: torch.device | str) -> str:
 
 
 def backend_table(device: torch.device | str) -> dict[str, str]:
-    """op -> backend that would run on ``device`` (for logs and ``dasm info``)."""
-    return {op: backend_for(op, device) for op in OPS}
+    """op -> backend that would run on ``device`` (for logs and ``dasm info``); where ``auto``
+    picks by shape class on CUDA, ``class=backend`` pairs."""
+    device = torch.device(device)
+    out = {}
+    for op in OPS:
+        if _preference(op) != "auto" or device.type != "cuda":
+            out[op] = backend_for(op, device)
+            continue
+        from . import autotable
+
+        keys = sorted({k for t in [autotable.DEFAULT] + [r["choice"] for r in
+                                                          autotable.TABLE.values()]
+                       for k in t if k.split("/")[0] == op})
+        picks = {k.partition("/")[2]: measured_choice(op, k.partition("/")[2] or None, device)
+                 for k in keys}
+        out[op] = ", ".join(f"{k}={b}" if k else b for k, b in picks.items()) or \
+            measured_choice(op, None, device)
+    return out
 
 
 def _kernel(name: str):
@@ -283,7 +347,8 @@ def decode_augment(stored: torch.Tensor, factor: int = 1, sel: torch.Tensor | No
             raise ValueError(f"decode_augment: {len(params)} DSA rows for {M} outputs")
     if sel is not None:
         _check_range(sel, stored.shape[0] * factor * factor, "decode_augment: sel")
-    b = _float32_only("decode_augment", backend_for("decode_augment", stored.device), stored)
+    b = _float32_only("decode_augment",
+                      backend_for("decode_augment", stored.device, _passes(stored)), stored)
     if b == "triton":
         return _kernel("decode_augment").decode_augment(stored, factor, sel, params, mean, std)
     if b == "compile":
@@ -303,7 +368,8 @@ def grad_distance(gr: torch.Tensor, gs: torch.Tensor, layout: GradLayout,
     if gr.shape != gs.shape or gr.shape[1] != layout.numel:
         raise ValueError(f"grad_distance: shapes {tuple(gr.shape)}, {tuple(gs.shape)} do not fit "
                          f"a layout of {layout.numel} values")
-    b = _float32_only("grad_distance", backend_for("grad_distance", gs.device), gs)
+    b = _float32_only("grad_distance",
+                      backend_for("grad_distance", gs.device, f"{metric}/{_passes(gs)}"), gs)
     if b == "triton":
         return _kernel("grad_distance").grad_distance(gr, gs, layout, metric)
     if b == "compile":
@@ -315,7 +381,7 @@ def sample_scores(logits: torch.Tensor, labels: torch.Tensor):
     """Per-sample cross-entropy loss, EL2N (|softmax - onehot|_2) and margin (true logit minus
     the largest other) of ``logits [N, K]`` (fp32/bf16/fp16) -> three ``[N]`` float32 tensors."""
     _check_range(labels, logits.shape[1], "sample_scores: labels")
-    b = backend_for("sample_scores", logits.device)
+    b = backend_for("sample_scores", logits.device, str(logits.dtype).removeprefix("torch."))
     if b == "triton" and logits.dtype == torch.float64:
         b = _float32_only("sample_scores", b, logits)
     if b == "triton":
@@ -363,8 +429,9 @@ def instance_norm_relu_pool(z: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """ConvNet block tail: instance norm (GroupNorm with a group per channel, affine), ReLU and,
     if ``pool``, 2x2 average pooling. ``z [N, C, H, W]`` -> ``[N, C, H', W']``. Differentiable
     twice with respect to ``z`` (gradient matching backpropagates through its backward)."""
-    b = _float32_only("instance_norm_relu_pool", backend_for("instance_norm_relu_pool", z.device),
-                      z)
+    shape = "fwd+bwd+2bwd" if _second_order_depth else _passes(z, weight, bias)
+    b = _float32_only("instance_norm_relu_pool",
+                      backend_for("instance_norm_relu_pool", z.device, shape), z)
     limit = _kernel("instance_norm_relu_pool").MAX_PLANE if b == "triton" else None
     if limit is not None and z.shape[-2] * z.shape[-1] > limit:
         if _preference("instance_norm_relu_pool") == "triton":
