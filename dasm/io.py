@@ -1,10 +1,11 @@
 """Atomic file output: a file is either the complete new version or the old one, never half.
 
 Everything is written to a temporary file in the destination folder
-(``.<name>.<pid>.<random>.tmp``)
-and moved into place with ``os.replace``, with the permissions the umask gives a new file.
-Metrics are appended as JSON lines; YAML is read with a key given twice refused. safetensors files are written here, byte for byte the same
-for the same tensors and metadata (the library's own writer orders metadata by hash).
+(``.<name>.<pid>.<random>.tmp``) and moved into place with ``os.replace``, with the permissions
+the umask gives a new file. Metrics are appended as JSON lines. safetensors and torch files are
+written here, byte for byte the same for the same content (the safetensors library orders
+metadata by hash; torch.save puts the file's name inside). YAML is read here, a key given twice
+refused.
 """
 from __future__ import annotations
 
