@@ -198,9 +198,11 @@ def bench_block(bw, rows, n=512, c=128, size=28):
                          "pass": "fwd+bwd+2bwd", "error": str(e)[:80]})
 
 
-def bench_matching_step(rows, ipc=50, segment=50, width=128, steps=5,
-                        variants=(("reference", "vmap"), ("auto", "vmap"),
-                                  ("auto", "sequential"))):
+STEP_VARIANTS = (("reference", "vmap"), ("triton", "vmap"), ("auto", "vmap"),
+                 ("auto", "sequential"))  # triton: every kernel (auto before its table)
+
+
+def bench_matching_step(rows, ipc=50, segment=50, width=128, steps=5, variants=STEP_VARIANTS):
     """One matching step of the last segment (``segment`` trainable, ``ipc - segment`` frozen
     stored images per class, every frozen image taking part): seconds, class-steps per second
     and ``torch.cuda.max_memory_allocated``, per (backend, class batching)."""
@@ -239,7 +241,8 @@ def bench_matching_step(rows, ipc=50, segment=50, width=128, steps=5,
             out[(backend, batching)] = sec
             rows.append({"op": f"matching step IPC {ipc} (last segment {segment}) width {width}",
                          "variant": f"{backend}/{batching}", "pass": "step",
-                         "ms": round(sec * 1e3, 2), "class-steps/s": round(10 / sec, 1),
+                         "ms": round(sec * 1e3, 2), "class-step ms": round(sec * 1e3 / 10, 2),
+                         "class-steps/s": round(10 / sec, 1),
                          "max MB": round(torch.cuda.max_memory_allocated() / 2 ** 20)})
         except Exception as e:  # noqa: BLE001
             rows.append({"op": f"matching step IPC {ipc}", "variant": f"{backend}/{batching}",
@@ -355,30 +358,51 @@ def main():
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA device; nothing measured")
         return 0
-    rows = []
+    rows, machine_info = [], machine()
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw:.0f} GB/s on {torch.cuda.get_device_name()}", flush=True)
-    bench_sample_scores(bw, rows, n=1 << (22 if a.quick else 24))
-    bench_grad_distance(bw, rows)
-    bench_decode_augment(bw, rows, stored_n=512 if a.quick else 2048)
-    bench_block(bw, rows, n=128 if a.quick else 512)
-    bench_accumulate(bw, rows)
-    step = bench_matching_step(rows, steps=3 if a.quick else 5)
-    best = min((v, k) for k, v in step.items() if k[0] == "auto")[1] if step else None
-    if best:  # the last segment at IPC 1000, every frozen image in the step
-        bench_matching_step(rows, ipc=1000, steps=2, variants=(("reference", "vmap"), best))
-    cols = ["op", "variant", "pass", "ms", "GB/s", "of copy bw", "class-steps/s", "max MB",
-            "error"]
+    step: dict = {}
+
+    def save():  # after every stage, so a stage cut by its time limit leaves the ones before
+        io.write_json(a.out, summary(machine_info, bw, rows, step))  # atomic
+
+    for run in (lambda: bench_sample_scores(bw, rows, n=1 << (22 if a.quick else 24)),
+                lambda: bench_grad_distance(bw, rows),
+                lambda: bench_decode_augment(bw, rows, stored_n=512 if a.quick else 2048),
+                lambda: bench_block(bw, rows, n=128 if a.quick else 512),
+                lambda: bench_accumulate(bw, rows),
+                lambda: step.update(bench_matching_step(rows, steps=3 if a.quick else 5)),
+                # the last segment at IPC 1000, every frozen image in the step
+                lambda: bench_matching_step(rows, ipc=1000, steps=2, variants=(
+                    ("reference", "vmap"),) + tuple(v for v in STEP_VARIANTS if v[0] == "auto"))):
+        run()
+        save()
+    cols = ["op", "variant", "pass", "ms", "class-step ms", "GB/s", "of copy bw",
+            "class-steps/s", "max MB", "error"]
     print(table(rows, cols))
-    ref = step.get(("reference", "vmap"))
-    payload = {"machine": machine(), "copy_bandwidth_GBps": round(bw, 1), "rows": rows,
-               "matching_step_speedup": round(ref / step[best], 2) if ref and best else None}
-    io.write_json(a.out, payload)  # atomic, like every results file
     print(f"-> {a.out}")
-    table = os.path.join(os.path.dirname(os.path.abspath(a.out)), "auto-table.json")
-    write_table([a.out], json_path=table, module_path=None)
-    print(f"-> {table} (into the package: python benchmarks/kernels.py --table-from {a.out})")
+    table_path = os.path.join(os.path.dirname(os.path.abspath(a.out)), "auto-table.json")
+    write_table([a.out], json_path=table_path, module_path=None)
+    print(f"-> {table_path} (into the package: python benchmarks/kernels.py --table-from "
+          f"{a.out})")
     return 0
+
+
+def summary(machine_info: dict, bw: float, rows: list[dict], step: dict) -> dict:
+    """The results file: every row, and the issue-28 figures of the fastest ``auto`` step at
+    IPC 50 (its speed-up over the reference, ms per class-step, max memory at IPC 1000 over
+    IPC 50)."""
+    best = min(((v, k) for k, v in step.items() if k[0] == "auto"), default=(None, None))[1]
+    ref = step.get(("reference", "vmap"))
+    mb = {(r["op"].split()[3], r["variant"]): r["max MB"] for r in rows
+          if r.get("pass") == "step" and "max MB" in r}
+    label = "/".join(best) if best else None
+    return {"machine": machine_info, "copy_bandwidth_GBps": round(bw, 1), "rows": rows,
+            "matching_step_speedup": round(ref / step[best], 2) if ref and best else None,
+            "auto_step": label,
+            "class_step_ms_ipc50": round(step[best] * 1e2, 2) if best else None,
+            "memory_ipc1000_over_ipc50": round(mb[("1000", label)] / mb[("50", label)], 2)
+            if ("1000", label) in mb and ("50", label) in mb else None}
 
 
 if __name__ == "__main__":

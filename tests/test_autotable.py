@@ -152,3 +152,20 @@ def test_a_matching_step_is_second_order(monkeypatch):
         images = start_images(ds, 2)
         m.step(m.new_network(), m.draw(ds.class_index(), 2, 0), images, torch.zeros_like(images))
     assert seen and all(seen)
+
+
+def test_the_gpu_run_reports_the_issue_figures():
+    """benchmarks/kernels.py's summary (written after every stage of the GPU run): the fastest
+    auto step at IPC 50, its speed-up over the reference, ms per class-step, and its memory at
+    IPC 1000 over IPC 50."""
+    kernels = load_benchmark("kernels")
+    rows = [{"op": f"matching step IPC {ipc} (last segment 50) width 128", "variant": v,
+             "pass": "step", "ms": ms, "max MB": mb}
+            for ipc, v, ms, mb in ((50, "reference/vmap", 90.0, 2000),
+                                   (50, "auto/vmap", 30.0, 1000),
+                                   (50, "auto/sequential", 45.0, 900),
+                                   (1000, "auto/vmap", 300.0, 1200))]
+    step = {("reference", "vmap"): 0.09, ("auto", "vmap"): 0.03, ("auto", "sequential"): 0.045}
+    out = kernels.summary({"gpu": "X"}, 1000.0, rows, step)
+    assert out["auto_step"] == "auto/vmap" and out["matching_step_speedup"] == 3.0
+    assert out["class_step_ms_ipc50"] == 3.0 and out["memory_ipc1000_over_ipc50"] == 1.2

@@ -5,8 +5,9 @@ live elsewhere, so every read of them by the host is seen. :class:`HostReads` re
 dispatched op that would synchronise a GPU: scalar reads (``aten::_local_scalar_dense``:
 ``.item()``, ``int()``, ``float()``, ``bool()``), copies to the host (``.cpu()``, ``.tolist()``,
 ``.numpy()``) and ops whose output shape depends on values (``nonzero``, ``masked_select``,
-``unique``, boolean indexing, ...). Host tensors (the matcher's class lists) are free to read, but a host tensor that enters a
-device op is a copy, and a blocking copy waits for the device too.
+``unique``, boolean indexing, ...). Host tensors (the matcher's class lists) are free to read,
+but a host tensor that enters a device op is a copy, and a blocking copy waits for the device
+too.
 """
 from dataclasses import replace
 
