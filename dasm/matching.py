@@ -269,7 +269,8 @@ class Matcher:
                                            rows[j:j + 1], scale)
 
     def _chunk_classes(self, batch: int) -> int:
-        """Classes per graph chunk: set, or chosen from ``memory_budget_mb``."""
+        """Classes per graph chunk of ``batch`` images each: set, or chosen from
+        ``memory_budget_mb``."""
         if self.m.class_chunk:
             return min(self.m.class_chunk, self.C)
         if self.device.type == "cpu":
@@ -392,7 +393,7 @@ class Matcher:
         n_f = 0 if draws.frozen is None else draws.frozen.shape[1]
         w_t, w_f = n_t / (n_t + n_f), n_f / (n_t + n_f)
         losses = torch.zeros(self.C, device=self.device)
-        chunk = self._chunk_classes(n_t + n_f)
+        chunk = self._chunk_classes(n_t)  # the graph holds the trainable images only
         for lo in range(0, len(self.own), chunk):
             cls = self.own[lo:lo + chunk]
             rows = self._on(cls, self.device)

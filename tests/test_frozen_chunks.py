@@ -76,3 +76,17 @@ def test_frozen_chunking_does_not_change_the_step(class_batching):
         out.append(m.step(model, draws, images, torch.zeros_like(images), frozen))
     assert_close_to_scale(out[0][0] - start_images(ds, 2), out[1][0] - start_images(ds, 2))
     torch.testing.assert_close(out[0][2], out[1][2], rtol=1e-4, atol=1e-6)
+
+
+def test_graph_chunks_count_the_trainable_images_only(monkeypatch):
+    """Frozen images enter the trainable graph as one constant gradient, so the classes per
+    graph chunk follow the trainable batch alone (before: trainable + frozen, which at IPC 1000
+    left one class per graph on a GPU, ten graphs a step, for no memory)."""
+    m, ds = _matcher()
+    asked = []
+    real = m._chunk_classes
+    monkeypatch.setattr(m, "_chunk_classes", lambda batch: asked.append(batch) or real(batch))
+    images = start_images(ds, 2)
+    draws = m.draw(ds.class_index(), 2, 3)
+    m.step(m.new_network(), draws, images, torch.zeros_like(images), start_images(ds, 3, seed=1))
+    assert asked == [draws.syn.shape[1]]
