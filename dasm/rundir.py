@@ -24,6 +24,7 @@ from .matching import check_engine
 from .models import model_options, model_skeleton
 from .plan import plan
 from .synthetic import real_needed, stored_problem
+from .window import window_set
 from .train import eval_model_spec
 
 CHECKPOINT = re.compile(r"segment_(\d{3,})\.pt")
@@ -157,8 +158,15 @@ def preflight(cfg: Config, ds: Dataset) -> None:
 
 def _pool_bound(cfg: Config, s, n: int) -> tuple[int, str, str, str]:
     """Most images of a class of ``n`` that segment ``s``'s pool can hold, what bounds it, its
-    keys and their values: the whole class, the difficulty band (rank), or the class less its
-    loss tail (lack: its top-up draws from outside the tail only)."""
+    keys and their values: the whole class or its difficulty window (dasm.window_*), the
+    difficulty band (rank), or the class less its loss tail (lack: its top-up draws from
+    outside the tail only); band and tail are taken within the window."""
+    d = cfg.dasm
+    if window_set(d) and (s.index or d.window_first):
+        n -= int(d.window_easy * n) + int(d.window_hard * n)
+        if s.full_pool:
+            return n, "difficulty window", "dasm.window_easy/window_hard", \
+                f"{d.window_easy:g}/{d.window_hard:g}"
     if s.full_pool:
         return n, "pool", "the whole class", ""
     if s.pool == "lack":

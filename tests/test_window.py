@@ -149,3 +149,13 @@ def test_partial_update_keeps_a_share_real_and_moves_the_rest(fmnist_small, tmp_
             assert (real - stored[c, slot].flatten()).abs().amax(1).min() > 0
     with pytest.raises(ConfigError, match="dasm.distill_share"):
         smoke_config("dasm.distill_share=0")
+
+
+def test_a_window_too_narrow_for_the_inits_is_refused_before_the_run(fmnist_small, tmp_path):
+    """40 images per class, the easiest 90 % cut: 4 left, and segment 1's init needs 2 x 4 mix
+    tiles: refused by the pre-run check, naming the window, before the folder exists."""
+    from dasm.schedule import distill
+    with pytest.raises(ConfigError, match="difficulty window of segment 1 .*window_easy"):
+        distill(smoke_config(*SEG, "dasm.window_easy=0.9"), tmp_path / "r",
+                dataset=fmnist_small)
+    assert not (tmp_path / "r").exists()
