@@ -7,7 +7,7 @@
 """
 from .version import __version__
 
-from .api import evaluate, export, info, score  # noqa: E402
+from .api import evaluate, export, info, relabel, score  # noqa: E402
 from .baselines import run_baseline  # noqa: E402
 from .config import Config, load_config  # noqa: E402
 from .data import Dataset, load_dataset  # noqa: E402
@@ -16,4 +16,5 @@ from .schedule import distill  # noqa: E402
 from .synthetic import SyntheticSet  # noqa: E402
 
 __all__ = ["Config", "DasmError", "Dataset", "SyntheticSet", "distill", "evaluate",
-           "export", "info", "load_config", "load_dataset", "run_baseline", "score", "__version__"]
+           "export", "info", "load_config", "load_dataset", "relabel", "run_baseline", "score",
+           "__version__"]

@@ -1,4 +1,5 @@
-"""The operations behind the CLI, callable from Python: evaluate, export, info, score."""
+"""The operations behind the CLI, callable from Python: evaluate, relabel, export, info,
+score."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +19,7 @@ from .models import build_model
 from .rundir import RunDir, check_writable, load_tensors
 from .scoring import score_dataset
 from .synthetic import SyntheticSet
+from .teacher import relabel as teacher_relabel, soft_labels
 from .train import TrainSettings, equal_step_epochs, eval_model_spec, evaluate_images, train_new
 
 
@@ -50,7 +52,10 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
     n_epochs = epochs if epochs is not None else cfg.eval.epochs
     if cfg.eval.same_compute:
         n_epochs = equal_step_epochs(n_epochs, sset.ipc, sset.decoded_per_class)
-    summary = evaluate_images(x, y, ds, cfg, model, n_epochs, repeats, progress=progress)
+    soft, labels = soft_labels(cfg, sset, ds, run.synthetic, progress)
+    summary = evaluate_images(x, y, ds, cfg, model, n_epochs, repeats, progress=progress,
+                              soft=soft)
+    summary.update(labels)
     summary.update(method=sset.extra.get("method", ""), ipc=sset.ipc, factor=sset.factor,
                    segments=sset.segment_sizes, same_compute=cfg.eval.same_compute,
                    dataset=ds.name, test_images=int(ds.test_images.shape[0]),
@@ -63,6 +68,26 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
         io.write_json(run.evals, {"evaluations": previous + [summary]}),
         run.log({"event": "eval", **{k: v for k, v in summary.items() if k != "full_data"}})))
     return summary
+
+
+def relabel(run_dir: str | Path, overrides: dict | None = None, dataset: Dataset | None = None,
+            progress: bool | None = None) -> dict:
+    """Write the soft labels of the teacher the run's config (with ``eval.*`` ``overrides``,
+    e.g. ``eval.teacher``, ``eval.temperature``) names into its synthetic set: the teacher's
+    logits on the decoded images (the teacher is read, or trained and cached, first)."""
+    run, cfg, sset, ds = _load_run(run_dir, dataset)
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    check_writable("relabel", [run.synthetic], [run.metrics])
+    runtime.apply(cfg)
+    progress = cfg.runtime.progress if progress is None else progress
+    labelled = teacher_relabel(sset, cfg, ds, progress)
+    labelled.save(run.synthetic)
+    done = {"teacher": labelled.extra["teacher"],
+            "temperature": float(labelled.extra["soft_temperature"]),
+            "soft_labels": list(labelled.soft.shape), "path": str(run.synthetic)}
+    run.log({"event": "relabel", **done})
+    return done
 
 
 def _eval_settings(cfg: Config, overrides: dict | None) -> dict:
@@ -106,8 +131,11 @@ def _safe_name(name: str) -> str:
 
 def export(run_dir: str | Path, fmt: str, to: str | Path) -> Path:
     """Write what other tools read. ``ddranking``: ``images.pt`` (decoded, normalised,
-    class-major ``[N, ch, H, W]`` float32), ``labels.pt`` (``[N]`` int64) and ``meta.json``
-    (mean, std, classes, ipc, factor, ``normalised: true``) in folder ``to``; ``imagefolder``:
+    class-major ``[N, ch, H, W]`` float32), ``labels.pt`` (``[N]`` int64; a set with soft
+    labels: its teacher logits ``[N, classes]`` float32, DD-Ranking's ``soft_labels`` of
+    ``soft_label_mode: S``, and the class indices in ``hard_labels.pt``) and ``meta.json``
+    (mean, std, classes, ipc, factor, ``normalised: true``, the soft labels' temperature and
+    teacher) in folder ``to``; ``imagefolder``:
     ``to/train/<NNN>-<class>/<i>.png`` of the decoded images (8-bit), which
     ``--dataset imagefolder:<to>`` reads back. Refuses to write over existing files."""
     _, _, sset, _ = _load_run(run_dir)  # the checks evaluate makes
@@ -115,6 +143,9 @@ def export(run_dir: str | Path, fmt: str, to: str | Path) -> Path:
     if to.exists() and not to.is_dir():
         raise DasmError(f"export: --to {to} exists and is not a directory")
     check_writable("export", [to] if fmt == "imagefolder" else [to / "images.pt"])
+    if fmt == "imagefolder" and sset.soft is not None:
+        raise DasmError(f"export: {run_dir} holds soft labels, which an image folder cannot "
+                        f"carry; export it as ddranking")
     try:
         return _export(sset, fmt, to)
     except OSError as e:
@@ -123,18 +154,28 @@ def export(run_dir: str | Path, fmt: str, to: str | Path) -> Path:
 
 def _export(sset: SyntheticSet, fmt: str, to: Path) -> Path:
     if fmt == "ddranking":
-        targets = [to / "images.pt", to / "labels.pt", to / "meta.json"]
+        targets = [to / "images.pt", to / "labels.pt", to / "meta.json"] + \
+            ([to / "hard_labels.pt"] if sset.soft is not None else [])
         clash = [p for p in targets if p.exists()]
         if clash:
             raise DasmError(f"export: {clash[0]} exists; choose another --to")
         x, y = sset.decoded(normalize=True)
-        io.torch_save(x.cpu().contiguous(), targets[0])
-        io.torch_save(y.cpu(), targets[1])
-        io.write_json(targets[2], {  # what a reader needs to use images.pt correctly
+        meta = {  # what a reader needs to use images.pt correctly
             "normalised": True, "mean": list(sset.mean), "std": list(sset.std),
             "classes": sset.classes, "ipc": sset.ipc, "factor": sset.factor,
             "decoded_per_class": sset.decoded_per_class, "layout": "class-major [N, ch, H, W]",
-            "dataset": sset.dataset})
+            "dataset": sset.dataset, "labels": "class indices [N] int64"}
+        io.torch_save(x.cpu().contiguous(), targets[0])
+        if sset.soft is None:
+            io.torch_save(y.cpu(), targets[1])
+        else:  # DD-Ranking reads soft labels as a [N, classes] tensor beside images.pt
+            io.torch_save(sset.soft.cpu().contiguous(), targets[1])
+            io.torch_save(y.cpu(), targets[3])
+            meta.update(labels="teacher logits [N, classes] float32 (soft_label_mode S)",
+                        hard_labels="hard_labels.pt: class indices [N] int64",
+                        temperature=float(sset.extra["soft_temperature"]),
+                        teacher=sset.extra["teacher"])
+        io.write_json(targets[2], meta)
         return to
     if fmt == "imagefolder":
         from PIL import Image
@@ -179,6 +220,9 @@ def info(run_dir: str | Path) -> dict:
         out.update(method=sset.extra.get("method", ""), stored=list(sset.images.shape),
                    decoded=sset.num_classes * sset.decoded_per_class,
                    segment_sizes=sset.segment_sizes)
+        if sset.soft is not None:
+            out.update(soft_labels={"teacher": sset.extra.get("teacher"),
+                                    "temperature": float(sset.extra["soft_temperature"])})
     if run.evals.exists():
         out["evaluations"] = [{k: e.get(k) for k in ("model", "epochs", "mean", "std", "accuracies")}
                               for e in evaluations(run)]

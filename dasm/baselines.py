@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import rng
+from . import rng, teacher
 from .config import Config
 from .data import Dataset, normalize, to_float
 from .distributed import context
 from .errors import ConfigError
 from .scoring import score_dataset
 from .synthetic import SyntheticSet
-from .train import TrainSettings, eval_model_spec, train_new
 from .window import class_windows, cross_fitted_scores, window_set
 
 METHODS = ("random", "easy", "hard", "herding", "window")
@@ -45,10 +44,9 @@ def random_picks(ds: Dataset, ipc: int, generator: torch.Generator,
 
 def full_data_model(cfg: Config, ds: Dataset, epochs: int | None = None,
                     progress: bool = False) -> nn.Module:
-    """The evaluation network trained on the whole training set (evaluation protocol)."""
-    return train_new(eval_model_spec(cfg), ds.train_images, ds.train_labels, ds,
-                     TrainSettings.from_eval(cfg.eval, epochs), rng.generator(cfg.seed, "full-data"),
-                     cfg.device, progress, desc="full data", data_parallel=True)
+    """The evaluation network trained on the whole training set (evaluation protocol): the
+    run a teacher of soft labels is (:mod:`dasm.teacher`)."""
+    return teacher.full_data_model(cfg, ds, epochs, progress)
 
 
 def loss_picks(ds: Dataset, ipc: int, model: nn.Module, hardest: bool) -> list[torch.Tensor]:

@@ -3,6 +3,8 @@
     dasm distill  --dataset NAME --ipc N --out DIR [--config F] [--set k=v]... [--seed S]
                   [--device cpu|cuda] [--resume]
     dasm evaluate DIR [--model NAME] [--epochs N] [--repeats R] [--full-data EPOCHS]
+                  [--labels hard|stored|teacher] [--teacher FILE]
+    dasm relabel  DIR [--teacher FILE] [--set eval.k=v]...
     dasm baseline random|easy|hard|herding --dataset NAME --ipc N --out DIR [--epochs N]
     dasm export   DIR --format ddranking|imagefolder --to PATH
     dasm info     DIR
@@ -79,7 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train the network on the full training set for EPOCHS epochs")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an eval.* or runtime.* key for this evaluation")
+    e.add_argument("--labels", choices=("hard", "stored", "teacher"),
+                   help="labels to train on (eval.labels): hard, the set's stored soft labels, "
+                        "or the teacher's on every augmented batch")
+    e.add_argument("--teacher", metavar="FILE", help="the teacher's file (eval.teacher)")
     e.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("relabel", help="write a teacher's soft labels into a run's set")
+    r.add_argument("dir")
+    r.add_argument("--teacher", metavar="FILE",
+                   help="the teacher's file (eval.teacher; trained and written there if absent)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an eval.* or runtime.* key, e.g. eval.temperature=4")
+    r.add_argument("--no-progress", action="store_true")
 
     b = sub.add_parser("baseline", help="a real-subset baseline at the same IPC")
     b.add_argument("method", choices=("random", "easy", "hard", "herding"))
@@ -109,6 +123,9 @@ def _print_eval(summary: dict) -> None:
           f"model={summary['model']} epochs={summary['epochs']}: "
           f"{summary['mean'] * 100:.2f} +- {summary['std'] * 100:.2f} % "
           f"(last epoch, {len(summary['accuracies'])} runs: {accs}; {summary['seconds']} s)")
+    if summary.get("labels", "hard") != "hard":
+        print(f"labels: {summary['labels']} soft labels of teacher {summary['teacher']}, "
+              f"KL at T = {summary['temperature']:g}")
     if "full_data" in summary:
         f = summary["full_data"]
         print(f"full training set, same network, {f['epochs']} epochs: "
@@ -118,6 +135,19 @@ def _print_eval(summary: dict) -> None:
 def _print_means(out: str | None, means: dict) -> None:
     where = f" -> {out}" if out else ""
     print(f"scores{where} (means: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()) + ")")
+
+
+def _eval_overrides(args) -> dict:
+    """``--set`` items and the flags that stand for eval keys, as overrides."""
+    from .config import parse_overrides
+
+    overrides = parse_overrides(args.set)
+    for flag, key in (("labels", "eval.labels"), ("teacher", "eval.teacher")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    if args.no_progress:
+        overrides["runtime.progress"] = False
+    return overrides
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -133,11 +163,7 @@ def run(argv: list[str] | None = None) -> int:
               f"{sset.segment_sizes}; metric {m.metric}, lr_img {m.lr_img:.3g}) -> "
               f"{args.out}/synthetic.safetensors")
     elif args.command == "evaluate":
-        from .config import parse_overrides
-
-        overrides = parse_overrides(args.set)
-        if args.no_progress:
-            overrides["runtime.progress"] = False
+        overrides = _eval_overrides(args)
         try:
             summary = api.evaluate(args.dir, args.model, args.epochs, args.repeats,
                                    args.full_data, overrides=overrides)
@@ -145,6 +171,10 @@ def run(argv: list[str] | None = None) -> int:
             _print_eval(e.result)
             raise
         _print_eval(summary)
+    elif args.command == "relabel":
+        done = api.relabel(args.dir, _eval_overrides(args))
+        print(f"soft labels {done['soft_labels']} of teacher {done['teacher']} (T = "
+              f"{done['temperature']:g}) -> {done['path']}")
     elif args.command == "baseline":
         cfg = _load(args)
         sset = baselines.run_baseline(args.method, cfg, args.out, epochs=args.epochs)

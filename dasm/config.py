@@ -148,6 +148,14 @@ class EvalConfig:
     repeats: int = 3
     same_compute: bool = False  # epochs / factor^2 for decoded sets (equal SGD steps)
     test_batch: int = 500
+    # soft labels (dasm.teacher): hard, stored (the set's teacher logits), teacher (every
+    # augmented batch relabelled); KL at temperature (x T^2). The teacher: the full-data network
+    # of teacher_seed, teacher_epochs (0: epochs), cached by identity, or the file eval.teacher
+    labels: str = _choice("hard", "hard", "stored", "teacher")
+    temperature: float = 4.0
+    teacher: str = ""
+    teacher_epochs: int = 0
+    teacher_seed: int = 0
 
 
 @dataclass
@@ -220,7 +228,8 @@ IDENTITY_SINCE = {"dasm.pool": "rank", "dasm.lack_margin": 1.0, "dasm.tail_drop"
                   "dasm.lack_fill": "random", "dasm.pool_multiple": 1.0,
                   "dasm.window_easy": 0.0, "dasm.window_hard": 0.0, "dasm.window_epochs": 8,
                   "dasm.window_first": True, "dasm.lack_known": False,
-                  "dasm.distill_share": 1.0}
+                  "dasm.distill_share": 1.0, "eval.labels": "hard", "eval.temperature": 4.0,
+                  "eval.teacher": "", "eval.teacher_epochs": 0, "eval.teacher_seed": 0}
 BENCHMARK_SECTION = "benchmark"  # in profile files: the benchmark's settings, ignored by runs
 
 

@@ -8,7 +8,10 @@ training images (IDC). Segments split every class's ``n`` slots into consecutive
 
 ``synthetic.safetensors`` holds ``images [C*n, ch, H, W]``, ``labels [C*n]`` and
 ``segment [C*n]`` plus string metadata (see :data:`META_KEYS`); ``factor`` is one integer when
-every segment shares it (all files written before per-segment factors) or a JSON list.
+every segment shares it (all files written before per-segment factors) or a JSON list. A set with
+soft labels (:mod:`dasm.teacher`) also holds ``soft_labels [C * decoded_per_class, C]``: a
+teacher's logits on the decoded images, in :meth:`SyntheticSet.decoded`'s order, with
+``soft_temperature`` and ``teacher`` (its identity) in the metadata.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class SyntheticSet:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)  # e.g. config digest, method
+    soft: torch.Tensor | None = None  # [C * decoded_per_class, C] teacher logits, or None
 
     def __post_init__(self):
         if self.images.dim() != 5:
@@ -53,6 +57,10 @@ class SyntheticSet:
                                  f"{self.segment_sizes}")
             if len(set(self.factor)) == 1:
                 self.factor = self.factor[0]
+        if self.soft is not None:
+            problem = soft_problem(self.soft, self.num_classes, self.decoded_per_class, self.extra)
+            if problem:
+                raise ValueError(problem)
 
     @property
     def factors(self) -> list[int]:
@@ -114,6 +122,8 @@ class SyntheticSet:
             "segment": torch.repeat_interleave(torch.arange(len(self.segment_sizes)),
                                                torch.tensor(self.segment_sizes)).repeat(C),
         }
+        if self.soft is not None:
+            tensors["soft_labels"] = self.soft.detach().float().cpu().contiguous()
         io.save_safetensors(tensors, path, self.metadata(__version__))
 
     @classmethod
@@ -154,9 +164,12 @@ class SyntheticSet:
             if not torch.equal(labels, torch.arange(C).repeat_interleave(ipc)):
                 raise ValueError("labels are not class-major")
             extra = {k: v for k, v in meta.items() if k not in META_KEYS}
+            soft = tensors.get("soft_labels")
+            if soft is not None and soft.dtype != torch.float32:
+                raise ValueError(f"soft_labels are {soft.dtype}, expected float32 logits")
             return cls(images.reshape(C, ipc, *images.shape[1:]).float(), factor, segments,
                        meta["dataset"], classes, tuple(json.loads(meta["mean"])),
-                       tuple(json.loads(meta["std"])), extra)
+                       tuple(json.loads(meta["std"])), extra, soft)
         except (ValueError, KeyError, RuntimeError, json.JSONDecodeError) as e:
             raise RunDirError(f"corrupt synthetic set {path}: {e}") from None
 
@@ -172,6 +185,19 @@ class SyntheticSet:
             raise RunDirError(f"{path} ({have[0]} classes, {have[1]} channels, {have[2]}) does "
                               f"not fit {ds.name} ({want[0]} classes, {want[1]} channels, "
                               f"{want[2]})")
+
+
+def soft_problem(soft: torch.Tensor, classes: int, per_class: int, meta: dict) -> str | None:
+    """What is wrong with a set's soft labels (teacher logits of its decoded images), or None."""
+    if tuple(soft.shape) != (classes * per_class, classes):
+        return (f"soft_labels are {tuple(soft.shape)}, expected ({classes * per_class}, "
+                f"{classes}): one row of logits per decoded image")
+    if not torch.isfinite(soft).all():
+        return "its soft_labels hold NaN or infinity"
+    missing = [k for k in ("soft_temperature", "teacher") if k not in meta]
+    if missing:
+        return f"soft_labels without {', '.join(missing)} in the metadata"
+    return None
 
 
 def stored_problem(images: torch.Tensor, channels: int | None = None,

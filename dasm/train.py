@@ -61,6 +61,42 @@ def mixed_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cutmix_p: flo
     return loss / n
 
 
+@dataclass(frozen=True)
+class SoftLabels:
+    """Soft targets of an evaluation (``eval.labels``): the teacher's softmax at
+    ``temperature``, from ``logits [N, K]`` stored for the training images (``stored``: one
+    label per image, mixed like the images under CutMix) or from ``teacher`` run on every
+    augmented batch (``teacher``: the label of what the student sees). See :func:`soft_loss`."""
+    temperature: float
+    logits: torch.Tensor | None = None
+    teacher: nn.Module | None = None
+
+
+def soft_loss(model: nn.Module, x: torch.Tensor, rows: torch.Tensor, soft: SoftLabels,
+              cutmix_p: float, generator: torch.Generator,
+              shard: slice | None = None) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, times T^2 (the gradient scale of T = 1), summed
+    over the batch ``x`` (training rows ``rows``) and divided by its size; CutMix draws as in
+    :func:`mixed_loss`, so the augmentation stream is the hard-label one."""
+    n = x.shape[0]
+    lam, perm = 1.0, None
+    if cutmix_p > 0 and torch.rand((), generator=generator).item() < cutmix_p:
+        x, perm, lam = dsa.cutmix(x, generator)
+    T = soft.temperature
+    if soft.teacher is not None:
+        with torch.no_grad():
+            target = F.softmax(soft.teacher(x).float() / T, dim=1)
+    else:
+        target = F.softmax(soft.logits[rows].float() / T, dim=1)
+        if lam < 1.0:  # the KL's gradient is linear in the target: mixing targets = mixing losses
+            target = lam * target + (1 - lam) * target[perm]
+    if shard is not None:
+        x, target = x[shard], target[shard]
+    out = model(x)
+    loss = F.kl_div(F.log_softmax(out.float() / T, dim=1), target, reduction="sum")
+    return loss * (T * T) / n
+
+
 def network_optimizer(model: nn.Module, m) -> torch.optim.Optimizer:
     """IDC's optimiser of the matching network (``m``: the ``match`` config section)."""
     return torch.optim.SGD(model.parameters(), lr=m.net_lr, momentum=m.net_momentum,
@@ -102,11 +138,12 @@ def network_update(model: nn.Module, opt: torch.optim.Optimizer, images: torch.T
 def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s: TrainSettings,
                 mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
                 progress: bool = False, desc: str = "train", data_parallel: bool = False,
-                on_epoch: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+                on_epoch: Callable[[int, nn.Module], None] | None = None,
+                soft: SoftLabels | None = None) -> nn.Module:
     """Train ``model`` in place on ``images [N, ch, H, W]`` (uint8, or float in [0, 1]) and
     ``labels [N]``, on the model's device. ``data_parallel``: under torch.distributed, each rank
     forwards a slice of every batch and gradients are summed over ranks. ``on_epoch(e, model)``
-    is called after epoch ``e`` (1-based)."""
+    is called after epoch ``e`` (1-based). ``soft``: train on soft labels (:func:`soft_loss`)."""
     from .distributed import context
 
     ctx = context() if data_parallel else None
@@ -114,6 +151,10 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s:
 
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
+    if soft is not None and soft.logits is not None:
+        if soft.logits.shape[0] != images.shape[0]:
+            raise DataError(f"{soft.logits.shape[0]} soft labels for {images.shape[0]} images")
+        soft = SoftLabels(soft.temperature, logits=soft.logits.to(device))
     size = tuple(images.shape[-2:])
     opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
                           weight_decay=s.weight_decay)
@@ -131,7 +172,10 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s:
                                   shared_geometric=True) if s.strategy.enabled else None
             x = ops.decode_augment(x, 1, None, params, mean, std)
             shard = ctx.shard(len(idx)) if ctx is not None and ctx.active else None
-            loss = mixed_loss(model, x, labels[idx], s.cutmix, generator, shard)
+            if soft is None:
+                loss = mixed_loss(model, x, labels[idx], s.cutmix, generator, shard)
+            else:
+                loss = soft_loss(model, x, idx, soft, s.cutmix, generator, shard)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if shard is not None:
@@ -174,9 +218,11 @@ def eval_model_spec(cfg, name: str | None = None) -> tuple[str, dict]:
 
 def evaluate_images(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset, cfg,
                     model_name: str | None = None, epochs: int | None = None,
-                    repeats: int | None = None, tag: str = "eval", progress: bool = False) -> dict:
-    """Train ``repeats`` fresh networks on ``images``/``labels`` by the evaluation protocol and
-    test each on ``dataset``'s test split. Returns a JSON-ready summary."""
+                    repeats: int | None = None, tag: str = "eval", progress: bool = False,
+                    soft: SoftLabels | None = None) -> dict:
+    """Train ``repeats`` fresh networks on ``images``/``labels`` (or ``soft`` labels) by the
+    evaluation protocol and test each on ``dataset``'s test split. Returns a JSON-ready
+    summary."""
     if dataset.test_images.shape[0] == 0:
         raise DataError(f"{dataset.name} has no test images to evaluate on")
     device = torch.device(cfg.device)
@@ -186,7 +232,8 @@ def evaluate_images(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset
     accs, t0 = [], time.perf_counter()
     for r in range(repeats or cfg.eval.repeats):
         model = train_new(spec, images, labels, dataset, settings, rng.generator(cfg.seed, tag, r),
-                          device, progress, desc=f"{tag} {r + 1}/{repeats or cfg.eval.repeats}")
+                          device, progress, desc=f"{tag} {r + 1}/{repeats or cfg.eval.repeats}",
+                          soft=soft)
         accs.append(accuracy(model, dataset.test_images, dataset.test_labels, mean, std,
                              cfg.eval.test_batch))
     return {"model": spec[0], "epochs": settings.epochs, "train_images": int(images.shape[0]),
@@ -199,7 +246,8 @@ def train_new(spec: tuple[str, dict], images: torch.Tensor, labels: torch.Tensor
               dataset: Dataset, settings: TrainSettings, generator: torch.Generator,
               device: torch.device | str = "cpu", progress: bool = False, desc: str = "train",
               data_parallel: bool = False,
-              on_epoch: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
+              on_epoch: Callable[[int, nn.Module], None] | None = None,
+              soft: SoftLabels | None = None) -> nn.Module:
     """A fresh network ``spec = (registry name, options)`` for ``dataset``, initialised from
     ``generator`` and trained on ``images``/``labels`` by :func:`train_model`."""
     name, opts = spec
@@ -207,7 +255,7 @@ def train_new(spec: tuple[str, dict], images: torch.Tensor, labels: torch.Tensor
                         generator=generator, device=torch.device(device), **opts)
     mean, std = dataset.mean_std(torch.device(device))
     return train_model(model, images, labels, settings, mean, std, generator, progress, desc,
-                       data_parallel, on_epoch)
+                       data_parallel, on_epoch, soft)
 
 
 def train_scorer(cfg, dataset: Dataset, images: torch.Tensor, labels: torch.Tensor,

@@ -14,11 +14,11 @@ POSITIVE = ("synthetic.ipc", "match.iterations", "match.inner_steps", "match.bat
             "match.log_every", "match.lr_img_scale", "model.depth", "model.width",
             "dasm.scorer_epochs", "dasm.condition_every", "dasm.condition_epochs",
             "dasm.warm_starts", "dasm.window_epochs", "eval.epochs", "eval.batch",
-            "eval.repeats", "eval.test_batch",
+            "eval.repeats", "eval.test_batch", "eval.temperature",
             "dist.timeout_s")
 NON_NEGATIVE = ("match.n_data", "match.class_chunk", "match.frozen_per_class",
                 "data.train_per_class", "data.holdout_per_class", "data.test_limit",
-                "data.image_size", "runtime.threads")
+                "data.image_size", "runtime.threads", "eval.teacher_epochs", "eval.teacher_seed")
 FRACTIONS = ("dasm.easy_drop", "dasm.hard_drop", "dasm.tail_drop", "dasm.coverage",
              "dasm.window_easy", "dasm.window_hard")
 

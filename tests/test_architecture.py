@@ -16,7 +16,7 @@ FLOORS = [  # top to bottom
     {"schedule"},
     {"rundir"},
     {"matching"},
-    {"loop_engine", "window"},
+    {"loop_engine", "window", "teacher"},
     {"train", "scoring", "synthetic"},
     {"models", "runtime", "rules"},
     {"config", "ops"},
