@@ -16,6 +16,16 @@ from _records import contents
 # difficulty window alone as a real coreset (the selection DASM must add to)
 COMPARISONS = (("best", "paired"), ("idc-compute", "paired, equal compute"),
                ("window-easy30", "paired, coreset"))
+# under soft labels, also against a random subset given the same teacher (DD-Ranking's point:
+# how much of a gain the labels carry)
+SOFT_COMPARISONS = COMPARISONS + (("random", "paired, same labels"),)
+
+
+def soft_regime(records) -> dict | None:
+    """The soft labels a results file's runs were evaluated under (regime, teacher, T), or
+    None for hard labels."""
+    soft = [r for r in records if r.get("labels", "hard") != "hard"]
+    return soft[0] if soft else None
 
 def report(path: Path, name: str):
     """The markdown table and the plot of every run in the results file (and the README's copy
@@ -102,8 +112,9 @@ def markdown(records, ipcs, methods, split) -> str:
         rows.append(row)
         times.append(t)
     lead = [m for m in methods if m.startswith("dasm")]
+    soft = soft_regime(records)
     for a in lead:
-        for other, budget in COMPARISONS:
+        for other, budget in (SOFT_COMPARISONS if soft else COMPARISONS):
             row = {"method": f"{a} − {'best baseline' if other == 'best' else other}",
                    "budget": budget}
             for ipc in ipcs:
@@ -123,6 +134,10 @@ def markdown(records, ipcs, methods, split) -> str:
         absent = [f"{b} (seed {', '.join(ss)})" for b, ss in missing.items() if ss]
         if absent:
             text += f" At IPC {ipc} the best baseline leaves out {', '.join(absent)}: not run."
+    if soft:
+        text += (f"\n\nLabels: every method trained on `{soft['labels']}` soft labels of teacher "
+                 f"{soft['teacher']} (the full-data network below), KL at T = "
+                 f"{soft['temperature']:g}, the same augmentation.")
     text += "\n\nMethods: " + "; ".join(f"`{m}` {describe(m)}" for m in methods) + "."
     full, others = full_data_line(records)
     if full:

@@ -26,11 +26,17 @@ identity), ``.md`` (mean ± std per method and IPC, the paired difference to the
 wall times) and ``.png`` (accuracy against IPC with the full-data line, and a panel of dasm minus
 the best baseline). With ``--holdout`` the test split is replaced by
 ``benchmark.holdout_per_class`` held-out training images per class.
+
+``--labels stored|teacher`` evaluates every method under the same soft labels (dasm.teacher):
+one teacher, the full-data network of the profile (``eval.teacher_epochs`` 0: the full-data
+epochs), one temperature (``eval.temperature``) and the same augmentation. The runs are the
+hard-label sweep's (shared, not distilled again); ``stored`` writes the teacher's logits into
+each set first. Records carry the regime and go to ``accuracy-<name>-soft-<labels>.json``, so
+a hard-label table never mixes with a soft one; the teacher's accuracy is its full-data line.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -41,10 +47,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from dasm import api, baselines, io, rng  # noqa: E402
+from dasm import api, baselines, io, teacher  # noqa: E402
 from dasm.rules import resolve_for  # noqa: E402
 from dasm.data import dataset_from_config  # noqa: E402
 from dasm.rundir import RunDir, load_tensors  # noqa: E402
+from dasm.synthetic import SyntheticSet  # noqa: E402
 from dasm.schedule import distill  # noqa: E402
 from dasm.train import accuracy  # noqa: E402
 
@@ -55,16 +62,33 @@ from _records import claimed, merge, recorded_runs, reusable  # noqa: E402
 from _report import report  # noqa: E402
 
 
-def evaluation(run: RunDir, ds, repeats: int) -> dict:
-    """The run's evaluation by the config's protocol: reused from eval.json when one with the
-    same epochs and repeats is there, else computed (and appended)."""
+def same_labels(r: dict, soft: dict) -> bool:
+    """Whether an evaluation or record ``r`` was made under the labels ``soft`` asks (its
+    ``eval.*`` overrides; {} for hard labels): regime, and for soft labels teacher and T."""
+    if not soft:
+        return r.get("labels", "hard") == "hard"
+    return (r.get("labels"), r.get("temperature"), r.get("teacher")) == \
+        (soft["eval.labels"], soft["eval.temperature"], soft["key"])
+
+
+def evaluation(run: RunDir, ds, repeats: int, soft: dict | None = None) -> dict:
+    """The run's evaluation by the config's protocol under the labels ``soft`` asks: reused
+    from eval.json when one with the same epochs, repeats and labels is there, else computed
+    (and appended); ``stored`` labels are written into the set first where it lacks them."""
     cfg = run.load_config()
+    soft = soft or {}
     if run.evals.exists():
         for e in api.evaluations(run):
             if e.get("epochs") == cfg.eval.epochs and len(e.get("accuracies", [])) == repeats \
-                    and not e.get("same_compute"):
+                    and not e.get("same_compute") and same_labels(e, soft):
                 return e
-    return api.evaluate(run.path, repeats=repeats, dataset=ds, progress=False)
+    over = {k: v for k, v in soft.items() if k != "key"}
+    if soft.get("eval.labels") == "stored":
+        extra = SyntheticSet.load(run.synthetic).extra
+        if (extra.get("teacher"), extra.get("soft_temperature")) != \
+                (soft["key"], repr(float(soft["eval.temperature"]))):
+            api.relabel(run.path, over, dataset=ds, progress=False)
+    return api.evaluate(run.path, repeats=repeats, dataset=ds, progress=False, overrides=over)
 
 
 def distill_seconds(run: RunDir) -> float:
@@ -88,11 +112,23 @@ def main():
     p.add_argument("--full-data-epochs", type=int,
                    help="epochs of the full-data network (default: the profile's)")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot")
+    p.add_argument("--labels", choices=teacher.REGIMES, default="hard",
+                   help="labels every method is evaluated under (dasm.teacher)")
     a = p.parse_args()
 
     base, bench = load_profile(a.profile, a.set, a.holdout)
     profile = Path(a.profile).stem
     name = profile + ("-holdout" if a.holdout else "") + (f"-{a.tag}" if a.tag else "")
+    runs_root = ROOT / "runs" / "accuracy" / name  # soft regimes evaluate the same runs
+    soft = {}
+    if a.labels != "hard":  # every method: this teacher, temperature and augmentation
+        e = base.eval
+        soft = {"eval.labels": a.labels, "eval.temperature": e.temperature,
+                "eval.teacher_seed": e.teacher_seed, "eval.teacher_epochs": e.teacher_epochs or
+                a.full_data_epochs or bench.get("full_data_epochs", e.epochs)}
+        teacher_file = e.teacher
+        base = teacher.neutral_labels(base)  # runs are named and distilled as with hard labels
+        name += f"-soft-{a.labels}"
     ipcs = a.ipc or bench.get("ipcs", [10, 50, 100])
     methods = a.methods or bench.get("methods", list(CONTENDERS))
     seeds = a.seeds or bench.get("seeds", [base.seed])
@@ -104,7 +140,6 @@ def main():
         if "repeats_high_ipc" in bench and ipc >= bench.get("high_ipc", 500):
             return bench["repeats_high_ipc"]
         return base.eval.repeats
-    runs_root = ROOT / "runs" / "accuracy" / name
     ds = dataset_from_config(base.data)
     split = "held-out" if a.holdout else "test"
     print(f"{name}: {ds.name}, {len(ds.train_labels)} train / {len(ds.test_labels)} {split} "
@@ -113,14 +148,27 @@ def main():
     results_path = RESULTS / f"accuracy-{name}.json"
     header = {"profile": name, "split": split, "argv": sys.argv, "machine": machine(),
               "reported": "last-epoch accuracy, mean +- std over evaluation repeats; equal "
-                          "epochs (IDC's convention)"}
+                          "epochs (IDC's convention)", "labels": a.labels}
     if a.report:
         if not results_path.exists():
             sys.exit(f"--report: {results_path} does not exist yet (run the sweep first)")
         return report(results_path, name)
 
     full = None
-    if any(m in ("easy", "hard") for m in methods) or not a.no_full_data:
+    if soft:  # the teacher is the full-data network: its record is the full-data line
+        os.environ.setdefault("DASM_TEACHERS", str(ROOT / "runs" / "teachers"))
+        tcfg = resolve_for(base.replace(**soft, **({"eval.teacher": teacher_file}
+                                                   if teacher_file else {})), ds)
+        full, meta = teacher.load_or_train(tcfg, ds, progress=True)
+        soft.update({"eval.teacher": meta["path"], "key": meta["identity"]})
+        rec = {"method": "full-data", "ipc": None, "seed": tcfg.eval.teacher_seed,
+               "budget": None, "key": meta["identity"], "epochs": soft["eval.teacher_epochs"],
+               "accuracies": [float(meta["accuracy"])], "mean": float(meta["accuracy"]),
+               "std": 0.0, "commit": commit(), "labels": "hard", "teacher": meta["path"]}
+        merge(results_path, header, rec)
+        print(f"teacher {meta['identity']} ({rec['epochs']} epochs, {meta['path']}): "
+              f"{rec['mean'] * 100:.2f}%", flush=True)
+    elif any(m in ("easy", "hard") for m in methods) or not a.no_full_data:
         full, rec = full_data(base, ds, runs_root,
                               a.full_data_epochs or bench.get("full_data_epochs", base.eval.epochs),
                               recorded_runs(results_path),
@@ -139,17 +187,19 @@ def main():
                 run = RunDir(runs_root / f"{kind}-ipc{ipc}-seed{seed}-{resolved.identity()}")
                 with claimed(run.path.with_name(run.path.name + ".lock")):
                     merge(results_path, header, measure(run, cfg, resolved, method, ipc, seed,
-                                                        ds, full, results_path, repeats_at(ipc)))
+                                                        ds, full, results_path, repeats_at(ipc),
+                                                        soft))
     report(results_path, name)
     print(f"sweep wall time {(time.perf_counter() - t_start) / 60:.1f} min -> {results_path}")
 
 
 def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, full,
-            results_path: Path, repeats: int) -> dict:
+            results_path: Path, repeats: int, soft: dict | None = None) -> dict:
     """The record of ``method`` at ``ipc`` and ``seed``: the one in the results file when it
     holds this config identity and protocol (read now: another worker may have written it
     since this one started), else the run made (or resumed) and evaluated."""
-    old = reusable(recorded_runs(results_path), method, ipc, seed, resolved, repeats)
+    old = reusable([r for r in recorded_runs(results_path) if same_labels(r, soft or {})],
+                   method, ipc, seed, resolved, repeats)
     if old is not None:  # measured before (maybe on another machine): keep it
         print(f"  ipc {ipc:4d} seed {seed} {method:15s} {old['mean'] * 100:6.2f} (recorded)",
               flush=True)
@@ -163,7 +213,7 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
                                    dataset=ds, reference_model=full)
         else:
             distill(cfg, run.path, resume=resume, dataset=ds)
-    s = evaluation(run, ds, repeats)
+    s = evaluation(run, ds, repeats, soft)
     rec = {"method": method, "ipc": ipc, "seed": seed, "budget": budget_of(method),
            "accuracies": s["accuracies"], "mean": s["mean"], "std": s["std"],
            "distill_seconds": distill_seconds(run), "eval_seconds": s["seconds"],
@@ -171,7 +221,8 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
            "epochs": s["epochs"], "config_identity": resolved.identity(),
            "argv": sys.argv[1:],  # the worker's own command (the header: the last)
            "commit": commit(),  # reused only while the package code is this commit's
-           "run_dir": str(run.path.relative_to(ROOT))}
+           "run_dir": str(run.path.relative_to(ROOT)), "labels": s.get("labels", "hard"),
+           **({k: s[k] for k in ("temperature", "teacher")} if soft else {})}
     print(f"  ipc {ipc:4d} seed {seed} {method:15s} {rec['mean'] * 100:6.2f} +- "
           f"{rec['std'] * 100:.2f}  (distill {rec['distill_seconds']:.0f} s, eval "
           f"{rec['eval_seconds']:.0f} s)", flush=True)
@@ -185,10 +236,8 @@ def full_data(base, ds, runs_root: Path, epochs: int, recorded: list[dict] = (),
     not needed (``need_model``: the easy/hard coresets): returns ``(None, record)`` then."""
     cfg = resolve_for(base, ds)
     # keyed by what defines this network (data, model, evaluation protocol, seed), not by the
-    # matching settings, so every method of a sweep shares it
-    d = cfg.to_dict()
-    key = rng.derive_seed(0, json.dumps({k: d[k] for k in ("data", "model", "eval", "seed")},
-                                        sort_keys=True))
+    # matching settings, so every method of a sweep shares it (a teacher's identity)
+    key = int(teacher.protocol_key(cfg), 16)
     for r in recorded:
         if r["method"] == "full-data" and r.get("key") == f"{key:016x}" and \
                 r.get("epochs") == epochs and not need_model and \

@@ -152,7 +152,7 @@ def test_teacher_relabelling_equals_stored_without_augmentation(fmnist_small):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     hard = mixed_loss(student, x, torch.arange(10).repeat_interleave(3)[:8], 0.0,
                       torch.Generator())
-    assert abs(float(a) - float(hard)) > 1e-3
+    assert abs(a.item() - hard.item()) > 1e-3
 
     # whole trainings: stored and teacher give the same network; hard labels another
     s1, s2, h = (_student(ds, cfg, images, soft).state_dict()
@@ -165,7 +165,7 @@ def test_teacher_relabelling_equals_stored_without_augmentation(fmnist_small):
     g1, g2 = (torch.Generator().manual_seed(3) for _ in range(2))
     a = soft_loss(student, x, rows, by_file, 1.0, g1)
     b = soft_loss(student, x, rows, on_the_fly, 1.0, g2)
-    assert abs(float(a) - float(b)) > 1e-4
+    assert abs(a.item() - b.item()) > 1e-4
 
 
 def test_teacher_key_is_the_full_data_lines(fmnist_small):
@@ -182,3 +182,42 @@ def test_teacher_key_is_the_full_data_lines(fmnist_small):
         == before
     assert teacher.protocol_key(teacher.teacher_config(
         cfg.replace(**{"eval.teacher_seed": 2}))) != before
+
+
+def test_the_sweep_evaluates_every_method_under_the_same_labels(tmp_path, fmnist_small):
+    """benchmarks/accuracy.py --labels: a run's soft evaluation is its own (never taken for the
+    hard one, or the other way round), stored labels are written into the set first, and a
+    soft table pairs dasm with random under the same teacher."""
+    from conftest import load_benchmark
+    from dasm.rundir import RunDir
+
+    accuracy = load_benchmark("accuracy")
+    import _report
+
+    cfg = tiny_cfg(fmnist_small)
+    path = tmp_path / "t.safetensors"
+    _, meta = teacher.load_or_train(cfg.replace(**{"eval.teacher": str(path)}), fmnist_small)
+    soft = {"eval.labels": "stored", "eval.temperature": 4.0, "eval.teacher_seed": 0,
+            "eval.teacher_epochs": 1, "eval.teacher": str(path), "key": meta["identity"]}
+    run = RunDir(tmp_path / "r")
+    run_baseline("random", cfg, run.path, dataset=fmnist_small)
+    hard = accuracy.evaluation(run, fmnist_small, 1)
+    assert SyntheticSet.load(run.synthetic).soft is None
+    stored = accuracy.evaluation(run, fmnist_small, 1, soft)
+    assert (stored["labels"], stored["teacher"]) == ("stored", meta["identity"])
+    assert SyntheticSet.load(run.synthetic).extra["teacher"] == meta["identity"]
+    assert accuracy.evaluation(run, fmnist_small, 1) == hard
+    assert accuracy.evaluation(run, fmnist_small, 1, soft) == stored
+    assert len(api.evaluations(run)) == 2
+    assert not accuracy.same_labels(stored, {**soft, "eval.temperature": 2.0})
+
+    def rec(method, mean, labels):
+        return {"method": method, "ipc": 10, "seed": 0, "budget": "equal-steps",
+                "accuracies": [mean], "mean": mean, "std": 0.0, "labels": labels,
+                **({"teacher": meta["identity"], "temperature": 4.0} if labels != "hard" else {})}
+    for labels in ("hard", "stored"):
+        records = [rec("random", 0.80, labels), rec("idc", 0.79, labels), rec("dasm", 0.82, labels)]
+        md = _report.markdown(records, [10], ["random", "idc", "dasm"], "test")
+        assert ("dasm − random" in md) == (labels != "hard")
+        assert (f"soft labels of teacher {meta['identity']}" in md) == (labels != "hard")
+    assert "| dasm − random        | paired, same labels | +2.00 ± 0.00 (n=1) |" in md
