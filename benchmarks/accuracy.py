@@ -159,7 +159,8 @@ def main():
         os.environ.setdefault("DASM_TEACHERS", str(ROOT / "runs" / "teachers"))
         tcfg = resolve_for(base.replace(**soft, **({"eval.teacher": teacher_file}
                                                    if teacher_file else {})), ds)
-        full, meta = teacher.load_or_train(tcfg, ds, progress=True)
+        with claimed(teacher.teacher_path(tcfg).with_suffix(".lock")):  # trained once
+            full, meta = teacher.load_or_train(tcfg, ds, progress=True)
         soft.update({"eval.teacher": meta["path"], "key": meta["identity"]})
         rec = {"method": "full-data", "ipc": None, "seed": tcfg.eval.teacher_seed,
                "budget": None, "key": meta["identity"], "epochs": soft["eval.teacher_epochs"],
