@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from dasm.config import from_dict, parse_overrides, with_overrides
+from dasm.coerce import parse_overrides, with_overrides
+from dasm.config import from_dict
 from dasm.plan import iterations_for, segment_sizes
 
 # method -> config overrides of a distilled run (None: a real-subset baseline). Every table

@@ -139,7 +139,7 @@ def _print_means(out: str | None, means: dict) -> None:
 
 def _eval_overrides(args) -> dict:
     """``--set`` items and the flags that stand for eval keys, as overrides."""
-    from .config import parse_overrides
+    from .coerce import parse_overrides
 
     overrides = parse_overrides(args.set)
     for flag, key in (("labels", "eval.labels"), ("teacher", "eval.teacher")):

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import distributed, io, ops, runtime
-from .config import Config, from_dict, read_yaml
+from .coerce import read_yaml
+from .config import Config, from_dict
 from .rules import resolve_for
 from .data import Dataset, dataset_from_config
 from .errors import ConfigError, DasmError, RunDirError

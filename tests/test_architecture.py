@@ -22,7 +22,7 @@ FLOORS = [  # top to bottom
     {"config", "ops"},
     {"reference", "validation"},
     {"data", "dsa", "plan", "formation", "_ext", "distributed", "image_optim",
-     "fused_block"},
+     "fused_block", "coerce"},
     {"errors", "io", "rng", "version"},
 ]
 FLOOR = {m: i for i, floor in enumerate(FLOORS) for m in floor}
