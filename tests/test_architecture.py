@@ -23,6 +23,7 @@ FLOORS = [  # top to bottom
     {"reference", "validation"},
     {"data", "dsa", "plan", "formation", "_ext", "distributed", "image_optim",
      "fused_block", "coerce"},
+    {"loaders"},
     {"errors", "io", "rng", "version"},
 ]
 FLOOR = {m: i for i, floor in enumerate(FLOORS) for m in floor}
