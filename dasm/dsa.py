@@ -174,6 +174,12 @@ def _affine_constants(H: int, W: int, device: torch.device):
     return to_norm, to_pix, flip
 
 
+@functools.lru_cache(maxsize=16)
+def _geometric_codes(geometric: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    """``[k]`` int64 codes of the geometric ops on, made once per device."""
+    return torch.tensor([GEOMETRIC[o] for o in geometric], device=device)
+
+
 def draw(strategy: Strategy, n: int, size: tuple[int, int], generator: torch.Generator,
          shared_geometric: bool = False, device=None) -> DSAParams:
     """Draw ``n`` rows of DSA parameters on ``generator``'s device (a CPU generator gives the
@@ -197,7 +203,7 @@ def draw(strategy: Strategy, n: int, size: tuple[int, int], generator: torch.Gen
                                             torch.ones(n, **kw))
     geo = torch.zeros(n, dtype=torch.int64, **kw)
     if strategy.geometric:
-        codes = torch.tensor([GEOMETRIC[o] for o in strategy.geometric], **kw)
+        codes = _geometric_codes(strategy.geometric, dev)
         pick = torch.randint(len(codes), (1 if shared_geometric else n,), generator=g, **kw)
         geo = codes[pick].expand(n).clone()
     sh, sw = crop_shift(H), crop_shift(W)

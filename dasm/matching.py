@@ -47,6 +47,7 @@ from .errors import ConfigError
 from .image_optim import ImageOptimizer, bcast
 from .models import build_model, model_options, model_skeleton
 from .plan import Segment, synthetic_batch
+from .step_graph import GraphedStep
 from .train import network_optimizer, network_update
 
 
@@ -344,6 +345,15 @@ class Matcher:
                                                   device=self.device)
         return self._image_opts[lr]
 
+    def _graph_blocker(self) -> str | None:
+        """Why a GPU step cannot be captured as a CUDA graph here, or None."""
+        if self.m.engine == "loop":
+            return "the loop engine (IDC's literal loop, the oracle) is not captured"
+        if ops.backend_for("accumulate_class_grads", self.device) == "ext":
+            return ("the extension's accumulate_class_grads uploads its host rows on every "
+                    "call, which a graph would replay from a stale buffer")
+        return None
+
     def _real_grads(self, model, weights, draws: StepDraws) -> torch.Tensor:
         """``[C, P]`` gradients of this rank's classes' real batches (no graph)."""
         own, br = self.own, draws.real.shape[1]
@@ -430,8 +440,10 @@ class Matcher:
         from tqdm.auto import tqdm
 
         segment, iterations, inner_steps = seg.index, seg.iterations, self.m.inner_steps
-        images = images.to(self.device).float()
-        start = images.clone()
+        start = images.to(self.device).float()
+        # the segment's state lives in place (one step may be a CUDA graph that reads and
+        # writes these very tensors): images, momentum, the loss sum, the matching network
+        images = start.clone()
         momentum = torch.zeros_like(images)
         frozen, frozen_factor = frozen if frozen is not None else (None, None)
         n_frozen = 0 if frozen is None else frozen.shape[1]
@@ -442,17 +454,31 @@ class Matcher:
         t0 = time.perf_counter()
         acc = torch.zeros(self.C, device=self.device)
         n_acc = 0
+        model: nn.Module | None = None
+
+        def one_step() -> None:
+            draws = self.draw(pools, images.shape[1], n_frozen, seg.factor, frozen_factor)
+            new, mom, loss = self.step(model, draws, images, momentum, frozen, seg.lr_img)
+            images.copy_(new)
+            momentum.copy_(mom)
+            acc.add_(loss)
+
+        step = GraphedStep(one_step, self.device,
+                           (self.draw_gen,) if self.draw_gen is not None else (),
+                           log=lambda record: self.log({**record, "segment": segment}),
+                           blocker=self._graph_blocker())
         for it in bar:
-            model = self.new_network()
+            fresh = self.new_network()
             if starts:
-                model.load_state_dict(starts[it % len(starts)])
+                fresh.load_state_dict(starts[it % len(starts)])
+            if model is None:
+                model = fresh
+            else:  # copied in place: the step (and its graph) keeps reading the same tensors
+                model.load_state_dict(fresh.state_dict())
             opt = network_optimizer(model, self.m)
-            images = images.clamp(0, 1)
+            images.clamp_(0, 1)
             for _ in range(inner_steps):
-                draws = self.draw(pools, images.shape[1], n_frozen, seg.factor, frozen_factor)
-                images, momentum, loss = self.step(model, draws, images, momentum, frozen,
-                                                   seg.lr_img)
-                acc += loss
+                step()
                 n_acc += 1
                 network_update(model, opt, self.real_images, self.ds.train_labels, net_pool,
                                self.m, self.net_strategy, self.mean, self.std, self.gen)
