@@ -10,8 +10,9 @@
 #   3. bench     benchmarks/kernels.py: eager / torch.compile / triton per op (fraction of the
 #                copy bandwidth), the fused block with its double backward, accumulate, and
 #                the matching step of the last segment (ms per class-step, max memory) at
-#                IPC 50 (reference, triton, auto x vmap and sequential) and IPC 1000
-#                (reference, auto); writes kernels-gpu.json and auto-table.json          160 s
+#                IPC 50 (reference, triton, auto x vmap and sequential, auto as a CUDA
+#                graph) and IPC 1000 (reference, auto); writes kernels-gpu.json and
+#                auto-table.json                                                          160 s
 #   4. memcheck  compute-sanitizer's memcheck over the extension's tests, where it runs       20 s
 #                (it runs on some of these machines and not on others: skipped, not failed)
 # Logs and JSON go to $OUT (default results/gpu); a short table is printed last. Afterwards,

@@ -199,23 +199,31 @@ def bench_block(bw, rows, n=512, c=128, size=28):
 
 
 STEP_VARIANTS = (("reference", "vmap"), ("triton", "vmap"), ("auto", "vmap"),
-                 ("auto", "sequential"))  # triton: every kernel (auto before its table)
+                 ("auto", "sequential"), ("auto", "vmap", "graph"))
+# triton: every kernel (auto before its table); graph: the step captured as a CUDA graph
 
 
 def bench_matching_step(rows, ipc=50, segment=50, width=128, steps=5, variants=STEP_VARIANTS):
-    """One matching step of the last segment (``segment`` trainable, ``ipc - segment`` frozen
-    stored images per class, every frozen image taking part): seconds, class-steps per second
-    and ``torch.cuda.max_memory_allocated``, per (backend, class batching)."""
+    """Matching steps of the last segment (``segment`` trainable, ``ipc - segment`` frozen
+    stored images per class, every frozen image taking part), each drawing on the device and
+    updating its images in place as in a run (dasm.matching.Matcher.run_segment), two warm-up
+    steps first (the second captures the graph): ms per step and per class-step, class-steps
+    per second and ``torch.cuda.max_memory_allocated``, per (backend, class batching[, graph]).
+    """
     from dasm import ops
     from dasm.config import load_config
     from dasm.data import load_dataset
     from dasm.matching import Matcher
     from dasm.rules import resolve
+    from dasm.step_graph import GraphedStep
 
     root = os.environ.get("DASM_DATA_ROOT", "data")
     ds = load_dataset("fashion-mnist", root=root)
+    pools = ds.class_index()
     out = {}
-    for backend, batching in variants:
+    for variant in variants:
+        backend, batching, graph = variant[0], variant[1], "graph" in variant[2:]
+        label = "/".join(variant)
         cfg = resolve(load_config(None, [
             f"synthetic.ipc={ipc}", f"dasm.segments={ipc // segment}", f"model.width={width}",
             "device=cuda", "match.frozen_per_class=0", f"match.class_batching={batching}"]),
@@ -223,29 +231,40 @@ def bench_matching_step(rows, ipc=50, segment=50, width=128, steps=5, variants=S
         ops.set_backend(backend)
         try:
             m = Matcher(cfg, ds, torch.device("cuda"), torch.Generator().manual_seed(0))
+            m.reseed_draws()
             model = m.new_network()
             nf = ipc - segment
             images = torch.rand(10, segment, 1, 28, 28, device="cuda")
             frozen = torch.rand(10, nf, 1, 28, 28, device="cuda") if nf else None
             mom = torch.zeros_like(images)
-            draws = [m.draw(ds.class_index(), segment, nf) for _ in range(steps + 2)]
-            for d in draws[:2]:
-                m.step(model, d, images, mom, frozen)
+
+            def one_step():
+                new, new_mom, _ = m.step(model, m.draw(pools, segment, nf), images, mom, frozen)
+                images.copy_(new)
+                mom.copy_(new_mom)
+
+            notes = []
+            step = GraphedStep(one_step, torch.device("cuda"), (m.draw_gen,), log=notes.append,
+                               blocker=m._graph_blocker()) if graph else one_step
+            for _ in range(2):
+                step()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            for d in draws[2:]:
-                m.step(model, d, images, mom, frozen)
+            for _ in range(steps):
+                step()
             torch.cuda.synchronize()
             sec = (time.perf_counter() - t) / steps
-            out[(backend, batching)] = sec
-            rows.append({"op": f"matching step IPC {ipc} (last segment {segment}) width {width}",
-                         "variant": f"{backend}/{batching}", "pass": "step",
-                         "ms": round(sec * 1e3, 2), "class-step ms": round(sec * 1e3 / 10, 2),
-                         "class-steps/s": round(10 / sec, 1),
-                         "max MB": round(torch.cuda.max_memory_allocated() / 2 ** 20)})
+            out[tuple(variant)] = sec
+            row = {"op": f"matching step IPC {ipc} (last segment {segment}) width {width}",
+                   "variant": label, "pass": "step", "ms": round(sec * 1e3, 2),
+                   "class-step ms": round(sec * 1e3 / 10, 2), "class-steps/s": round(10 / sec, 1),
+                   "max MB": round(torch.cuda.max_memory_allocated() / 2 ** 20)}
+            if graph and not any(n.get("captured") for n in notes):
+                row["error"] = f"not captured, ran eagerly: {notes[0].get('reason', '')}"[:120]
+            rows.append(row)
         except Exception as e:  # noqa: BLE001
-            rows.append({"op": f"matching step IPC {ipc}", "variant": f"{backend}/{batching}",
+            rows.append({"op": f"matching step IPC {ipc}", "variant": label,
                          "pass": "step", "error": str(e)[:80]})
         finally:
             ops.set_backend(None)
