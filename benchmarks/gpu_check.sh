@@ -3,16 +3,17 @@
 # NVIDIA H200 (141 GB), Python 3.12, torch 2.11, Triton 3.6, nvcc 13.0, 16 cores, no network.
 # Stage time-outs add up to 7.5 minutes (the call's limit is 8); each stage's output survives a
 # later stage's failure, and the bench writes its JSON after each of its parts:
-#   1. build     the extension with CUDA for the H200 (TORCH_CUDA_ARCH_LIST=9.0)        120 s
+#   1. build     the extension with CUDA for the H200 (TORCH_CUDA_ARCH_LIST=9.0)        110 s
 #   2. tests     the Triton kernel, extension and bounds tests on the device                  90 s
 #      cuda-tests  every test marked `cuda` (among them: a matching step under
-#                torch.cuda.set_sync_debug_mode('error'), auto's backends, both batchings)   60 s
+#                torch.cuda.set_sync_debug_mode('error'), auto's backends, both batchings;
+#                a segment captured as a CUDA graph against the eager one)                   80 s
 #   3. bench     benchmarks/kernels.py: eager / torch.compile / triton per op (fraction of the
 #                copy bandwidth), the fused block with its double backward, accumulate, and
 #                the matching step of the last segment (ms per class-step, max memory) at
 #                IPC 50 (reference, triton, auto x vmap and sequential, auto as a CUDA
 #                graph) and IPC 1000 (reference, auto); writes kernels-gpu.json and
-#                auto-table.json                                                          160 s
+#                auto-table.json                                                          150 s
 #   4. memcheck  compute-sanitizer's memcheck over the extension's tests, where it runs       20 s
 #                (it runs on some of these machines and not on others: skipped, not failed)
 # Logs and JSON go to $OUT (default results/gpu); a short table is printed last. Afterwards,
@@ -62,10 +63,10 @@ if [ $DRY = 0 ]; then
   $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 fi
 
-stage build 120 build.log env DASM_FORCE_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps -e .
+stage build 110 build.log env DASM_FORCE_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps -e .
 stage tests 90 tests.log $PY -m pytest -q $KERNEL_TESTS tests/test_bounds.py
-stage cuda-tests 60 tests-cuda.log $PY -m pytest -q -m cuda tests
-stage bench 160 kernels.log $PY benchmarks/kernels.py --out "$OUT/kernels-gpu.json"
+stage cuda-tests 80 tests-cuda.log $PY -m pytest -q -m cuda tests
+stage bench 150 kernels.log $PY benchmarks/kernels.py --out "$OUT/kernels-gpu.json"
 if command -v compute-sanitizer > /dev/null || [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
   SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
   stage memcheck 20 memcheck.log "$SAN" --tool memcheck --error-exitcode 1 $PY -m pytest -q -x tests/test_ext.py
