@@ -244,7 +244,7 @@ def bench_matching_step(rows, ipc=50, segment=50, width=128, steps=5, variants=S
                 mom.copy_(new_mom)
 
             notes = []
-            step = GraphedStep(one_step, torch.device("cuda"), (m.draw_gen,), log=notes.append,
+            step = GraphedStep(one_step, torch.device("cuda"), (m.drawer.device_gen,), log=notes.append,
                                blocker=m._graph_blocker()) if graph else one_step
             for _ in range(2):
                 step()

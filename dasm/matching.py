@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -46,7 +45,9 @@ from .distributed import context
 from .errors import ConfigError
 from .image_optim import ImageOptimizer, bcast
 from .models import build_model, model_options, model_skeleton
-from .plan import Segment, synthetic_batch
+from .chunking import classes_per_chunk, conv_floats_per_image, frozen_images_per_chunk
+from .draws import StepDraws, StepDrawer
+from .plan import Segment
 from .step_graph import GraphedStep
 from .train import network_optimizer, network_update
 
@@ -55,18 +56,6 @@ def matched_parameters(model: nn.Module, bias: bool, fc: bool) -> list[str]:
     """IDC's choice: 4-D (conv) weights; 1-D (biases, norms) with ``bias``; 2-D (fc) with ``fc``."""
     keep = {4: True, 1: bias, 2: fc}
     return [n for n, p in model.named_parameters() if keep.get(p.dim(), False)]
-
-
-@dataclass
-class StepDraws:
-    """Every random choice of one matching step, drawn before any gradient (engine-independent)."""
-
-    real: torch.Tensor  # [C, Br] indices into the dataset's training images
-    syn: torch.Tensor  # [C, Bt] decoded indices into the class's trainable images
-    frozen: torch.Tensor | None  # [C, Bf] decoded indices into the class's frozen images
-    dsa: dsa_ops.DSAParams  # [C] one siamese draw per class
-    factor: int = 1  # of the trainable images (their decoded index space)
-    frozen_factor: int = 1  # of the frozen images as passed to the step
 
 
 def check_engine(cfg) -> None:
@@ -114,12 +103,8 @@ class Matcher:
         if self.class_batching == "auto":
             # measured: vmap is ~2x slower than per-class autograd on CPU; on GPU it batches launches
             self.class_batching = "vmap" if self.device.type == "cuda" else "sequential"
-        # A step's random draws: on a GPU from a generator on the device, seeded from
-        # ``generator`` at each segment's start, so a step builds its indices there (no host
-        # work, no copies); on the CPU from ``generator`` itself, which keeps CPU runs' stream.
-        self.device_draws = self.device.type == "cuda"
-        self.draw_gen: torch.Generator | None = None
-        self._pool_table: tuple | None = None  # (pools, [C, L] indices, [C, L] padding)
+        self.drawer = StepDrawer(self.m, self.C, self.strategy, dataset.image_size, generator,
+                                 self.device)
         self._device_rows: dict[tuple, torch.Tensor] = {}  # see _on
         self._image_opts: dict[float, ImageOptimizer] = {}  # per image step, on the device
 
@@ -139,64 +124,15 @@ class Matcher:
 
     # -------------------------------------------------------------------- draws
     def reseed_draws(self, device=None) -> None:
-        """With ``device_draws``: a fresh generator on ``device`` (default: the matcher's)
-        seeded from one draw of ``self.gen``; without, nothing (and ``self.gen`` is untouched)."""
-        if self.device_draws:
-            seed = int(torch.randint(2 ** 62, (), generator=self.gen))
-            self.draw_gen = torch.Generator(device=device or self.device).manual_seed(seed)
+        """:meth:`dasm.draws.StepDrawer.reseed`: once per segment."""
+        self.drawer.reseed(device)
 
     def draw(self, pools: list[torch.Tensor], n_train: int, n_frozen: int,
              factor: int | None = None, frozen_factor: int | None = None) -> StepDraws:
-        """Real indices from each class's pool, synthetic and frozen selections, DSA draws:
-        ``n_train`` trainable images per class at ``factor`` and ``n_frozen`` frozen ones at
-        ``frozen_factor`` (both default to the config's uniform factor). With ``device_draws``
-        they come from :meth:`_draw_on_device`."""
-        C, g = self.C, self.gen
-        f = factor or self.factor
-        ff = frozen_factor or self.factor or 1
-        br = min(self.m.batch_real, min(len(p) for p in pools))
-        if self.device_draws:
-            return self._draw_on_device(pools, br, n_train, n_frozen, f, ff)
-        real = torch.stack([p[torch.randperm(len(p), generator=g)[:br]] for p in pools])
-        bt, bf = synthetic_batch(self.m, n_train * f * f, n_frozen * ff * ff)
-        syn = torch.stack([torch.randperm(n_train * f * f, generator=g)[:bt] for _ in range(C)])
-        frozen = None
-        if n_frozen:
-            frozen = torch.stack([torch.randperm(n_frozen * ff * ff, generator=g)[:bf]
-                                  for _ in range(C)])
-        dsa = dsa_ops.draw(self.strategy, C, self.ds.image_size, g)
-        return StepDraws(real, syn, frozen, dsa, f, ff)
-
-    def _draw_on_device(self, pools, br: int, n_train: int, n_frozen: int, f: int,
-                        ff: int) -> StepDraws:
-        """:meth:`draw` from ``draw_gen``, every tensor made on its device: a uniform random
-        subset in random order is the ``k`` smallest of i.i.d. uniform keys, so each index set
-        is one ``rand`` and one ``topk`` for all classes (pools padded to ``[C, L]`` once per
-        list of pools, the padding keyed past every real key)."""
-        if self.draw_gen is None:
-            self.reseed_draws()
-        g, C = self.draw_gen, self.C
-        dev = g.device
-        if self._pool_table is None or self._pool_table[0] is not pools:
-            L = max(len(p) for p in pools)
-            table = torch.zeros(C, L, dtype=torch.int64)
-            pad = torch.ones(C, L, dtype=torch.bool)
-            for c, p in enumerate(pools):
-                table[c, :len(p)], pad[c, :len(p)] = p.cpu(), False
-            self._pool_table = (pools, table.to(dev), pad.to(dev))
-        _, table, pad = self._pool_table
-
-        def first(keys: torch.Tensor, k: int) -> torch.Tensor:
-            return keys.topk(k, dim=1, largest=False).indices
-
-        keys = torch.rand(table.shape, generator=g, device=dev).masked_fill_(pad, 2.0)
-        real = table.gather(1, first(keys, br))
-        bt, bf = synthetic_batch(self.m, n_train * f * f, n_frozen * ff * ff)
-        syn = first(torch.rand(C, n_train * f * f, generator=g, device=dev), bt)
-        frozen = first(torch.rand(C, n_frozen * ff * ff, generator=g, device=dev), bf) \
-            if n_frozen else None
-        dsa = dsa_ops.draw(self.strategy, C, self.ds.image_size, g)
-        return StepDraws(real, syn, frozen, dsa, f, ff)
+        """One step's draws (:meth:`dasm.draws.StepDrawer.draw`); factors default to the
+        config's uniform factor."""
+        return self.drawer.draw(pools, n_train, n_frozen, factor or self.factor,
+                                frozen_factor or self.factor or 1)
 
     # ------------------------------------------------------------------- inputs
     def _real_batch(self, idx: torch.Tensor, dsa_rows: dsa_ops.DSAParams) -> torch.Tensor:
@@ -270,21 +206,13 @@ class Matcher:
                                            rows[j:j + 1], scale)
 
     def _chunk_classes(self, batch: int) -> int:
-        """Classes per graph chunk of ``batch`` images each: set, or chosen from
-        ``memory_budget_mb``."""
-        if self.m.class_chunk:
-            return min(self.m.class_chunk, self.C)
-        if self.device.type == "cpu":
-            # measured (benchmarks/bench_matching_cpu.py): one class per graph is fastest on the
-            # CPU; ten live graphs cost 1.8x in page faults and cache misses
-            return 1
-        per_class = batch * self._floats_per_image * 4 * 12  # ~12 live copies, double backward
-        return max(1, min(self.C, int(self.m.memory_budget_mb * 2 ** 20 // max(per_class, 1))))
+        """Classes per graph chunk of ``batch`` images each (:func:`classes_per_chunk`)."""
+        return classes_per_chunk(self.m, self.C, self.device, batch, self._floats_per_image)
 
     @functools.cached_property
     def _floats_per_image(self) -> int:
-        """Conv output floats per image of the matching network (probed once, on meta)."""
-        return sum(b.numel() for b in _activation_probe(self))
+        return conv_floats_per_image(self.model_name, self.model_opts, self.ds.channels, self.C,
+                                     self.ds.image_size)
 
     @contextlib.contextmanager
     def _matched_weights(self, model: nn.Module):
@@ -366,12 +294,12 @@ class Matcher:
     def _frozen_grads(self, model, weights, draws: StepDraws,
                       frozen: torch.Tensor | None) -> torch.Tensor | None:
         """``[C, P]`` mean gradient of each class's sampled frozen images (no graph), computed in
-        chunks of at most :meth:`_frozen_chunk` images across classes (whole classes while one
+        chunks of at most :func:`frozen_images_per_chunk` images across classes (whole classes while one
         class's sample fits, else part of one class); None without frozen segments."""
         if draws.frozen is None:
             return None
         own, n_f = self.own, draws.frozen.shape[1]
-        images = self._frozen_chunk()
+        images = frozen_images_per_chunk(self.m, self._floats_per_image)
         per = min(n_f, images)  # images of a class in one chunk
         k = max(1, images // n_f)  # classes in one chunk
         gf = torch.zeros(self.C, self.layout.numel, device=self.device)
@@ -385,14 +313,6 @@ class Matcher:
                                  xf.view(len(cls), sel.shape[1], *xf.shape[1:]), cls,
                                  sel.shape[1] / n_f)
         return gf
-
-    def _frozen_chunk(self) -> int:
-        """Frozen images per graph-free chunk, counted across classes: ``match.frozen_chunk``,
-        and no more than ``match.memory_budget_mb`` holds at ~4 live float32 copies of every
-        activation of an image (forward kept for the backward, its gradients; no graph)."""
-        per_image = self._floats_per_image * 4 * 4  # bytes
-        return max(1, min(self.m.frozen_chunk,
-                          int(self.m.memory_budget_mb * 2 ** 20 // max(per_image, 1))))
 
     def _trainable_distance(self, model, weights, draws: StepDraws, leaf: torch.Tensor,
                             gr: torch.Tensor, gf: torch.Tensor | None) -> torch.Tensor:
@@ -464,7 +384,7 @@ class Matcher:
             acc.add_(loss)
 
         step = GraphedStep(one_step, self.device,
-                           (self.draw_gen,) if self.draw_gen is not None else (),
+                           (self.drawer.device_gen,) if self.drawer.device_gen is not None else (),
                            log=lambda record: self.log({**record, "segment": segment}),
                            blocker=self._graph_blocker())
         for it in bar:
@@ -493,17 +413,3 @@ class Matcher:
                 acc.zero_()
                 n_acc = 0
         return images.clamp(0, 1).detach()
-
-
-def _activation_probe(m: Matcher) -> list[torch.Tensor]:
-    """Per-image conv outputs of the matching network: one image through an uninitialised copy
-    on the CPU (shapes only; the meta device would cost its ~150 MB of kernels' imports)."""
-    outs = []
-    net = model_skeleton(m.model_name, m.ds.channels, m.C, m.ds.image_size, **m.model_opts)
-    net = net.to_empty(device="cpu")
-    for mod in net.modules():
-        if isinstance(mod, nn.Conv2d):
-            mod.register_forward_hook(lambda _m, _i, o: outs.append(o[0]))
-    with ops.override(instance_norm_relu_pool="reference"), torch.no_grad():
-        net(torch.zeros(1, m.ds.channels, *m.ds.image_size))
-    return outs

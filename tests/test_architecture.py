@@ -16,15 +16,16 @@ FLOORS = [  # top to bottom
     {"schedule"},
     {"rundir"},
     {"matching"},
-    {"loop_engine", "window", "teacher"},
+    {"loop_engine", "window", "teacher", "chunking", "draws", "step_graph"},
     {"train", "scoring", "synthetic"},
     {"models", "runtime", "rules"},
     {"config", "ops"},
+    {"dispatch"},
     {"reference", "validation"},
     {"data", "dsa", "plan", "formation", "_ext", "distributed", "image_optim",
      "fused_block", "coerce"},
     {"loaders"},
-    {"errors", "io", "rng", "version"},
+    {"errors", "io", "rng", "version", "autotable"},
 ]
 FLOOR = {m: i for i, floor in enumerate(FLOORS) for m in floor}
 

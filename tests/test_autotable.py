@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from dasm import autotable, ops
+from dasm import autotable, dispatch, ops
 
 from conftest import ROOT, load_benchmark, random_dataset, smoke_config
 
@@ -23,7 +23,7 @@ def fake_cuda(monkeypatch):
     ops.set_backend(None)
 
     def name(device_name):
-        monkeypatch.setattr(ops, "_device_name", lambda device: device_name)
+        monkeypatch.setattr(dispatch, "_device_name", lambda device: device_name)
 
     return name
 

@@ -115,11 +115,10 @@ def _matcher(class_batching: str, *overrides, device=DEVICE) -> tuple[Matcher, o
 
 
 def _draws(m: Matcher, ds, n_frozen: int):
-    """A step's draws as a GPU makes them (``device_draws``), on a CPU generator standing in for
+    """A step's draws as a GPU makes them (``drawer.on_device``), on a CPU generator standing in for
     the device's, then put on the stand-in device."""
-    m.device_draws = True
-    if getattr(m, "draw_gen", False) is None:  # (a matcher without device draws draws on the host)
-        m.reseed_draws(device="cpu")
+    m.drawer.on_device = True
+    m.reseed_draws(device="cpu")
     d = m.draw(ds.class_index(), 2, n_frozen)
     return replace(d, real=d.real.to(DEVICE), syn=d.syn.to(DEVICE), dsa=d.dsa.to(DEVICE),
                    frozen=None if d.frozen is None else d.frozen.to(DEVICE))
@@ -151,7 +150,7 @@ def test_device_draws_are_valid_subsets():
     cfg = resolve(smoke_config("match.batch_real=5", "match.batch_syn=6", "model.width=4"),
                   ds.name, ds.image_size, cuda=False)
     m = Matcher(cfg, ds, torch.device("cpu"), torch.Generator().manual_seed(0))
-    m.device_draws = True
+    m.drawer.on_device = True
     pools = [idx[: 7 + 2 * c] for c, idx in enumerate(ds.class_index())]  # unequal pools
     d = m.draw(pools, 2, 3, factor=2, frozen_factor=2)
     assert d.real.shape == (3, 5) and d.syn.shape[0] == 3 and d.frozen.shape[0] == 3
@@ -165,7 +164,7 @@ def test_device_draws_are_valid_subsets():
         seen |= set(m.draw(pools, 2, 0).real[2].tolist())
     assert seen == set(pools[2].tolist())
     m2 = Matcher(cfg, ds, torch.device("cpu"), torch.Generator().manual_seed(0))
-    m2.device_draws = True
+    m2.drawer.on_device = True
     assert torch.equal(m2.draw(pools, 2, 3, factor=2, frozen_factor=2).real, d.real)
 
 
@@ -173,10 +172,10 @@ def test_cpu_matcher_keeps_the_host_stream():
     """On the CPU the draws come from the run's generator as before: reseeding per segment
     takes nothing from it (the bit-for-bit runs of tests/test_schedule.py rest on this)."""
     m, _ = _matcher("sequential", device="cpu")
-    assert not m.device_draws
+    assert not m.drawer.on_device
     before = m.gen.get_state()
     m.reseed_draws()
-    assert torch.equal(m.gen.get_state(), before) and m.draw_gen is None
+    assert torch.equal(m.gen.get_state(), before) and m.drawer.device_gen is None
 
 
 @pytest.mark.cuda
