@@ -8,10 +8,17 @@ import shutil
 import pytest
 import torch
 
+from types import SimpleNamespace
+
 from dasm import SyntheticSet, rng, schedule
 from dasm.data import to_float
 from dasm.errors import ConfigError, RunDirError
-from dasm.matching import Matcher
+from dasm.distributed import context
+from dasm.draws import StepDrawer
+from dasm.dsa import Strategy
+from dasm.loop_engine import step_loop
+from dasm.matching import Matcher, matched_parameters
+from dasm.models import build_model, model_options, model_skeleton
 from dasm.config import DasmConfig
 from dasm.plan import (DECODED_SHARE, IPC_FACTOR1, PHI_LARGE, Segment, auto_factor, auto_plan,
                        band_for, plan, segment_sizes)
@@ -20,9 +27,10 @@ from dasm.rundir import RunDir
 from dasm.schedule import distill
 from dasm.scoring import band_pools, difficulty, lack_pools, score_dataset
 from dasm.synthetic import init_mix
-from dasm.train import host_state, train_scorer
+from dasm.train import host_state, network_optimizer, network_update, train_scorer
 
 from conftest import smoke_config
+from test_matching import assert_update_close
 
 SEG = ("synthetic.ipc=4", "dasm.segments=2", "data.train_per_class=40")  # phi = 4/40: large
 BAND = SEG + ("dasm.easy_drop=0.25", "dasm.hard_drop=0.1", "dasm.match_init=scorer")  # v2
@@ -490,25 +498,60 @@ def test_a_factor_per_segment(fmnist_small, tmp_path):
 
 
 @pytest.mark.numerics
-def test_one_segment_is_idc_bit_for_bit(fmnist_small, tmp_path):
-    """K = 1 with every DASM switch on equals IDC assembled by hand from its pieces: the seeded
-    init draw, the mix init, one matcher run on full pools at match.lr_img. A K = 1 run that
-    trained a scorer or conditioned networks, or scaled the step, would consume other random
-    numbers or move the images differently."""
+def idc_segment(cfg, ds, gen: torch.Generator, init: torch.Tensor) -> torch.Tensor:
+    """IDC's outer loop transcribed, with no :class:`~dasm.matching.Matcher`: per outer
+    iteration a fresh network from ``gen``; per inner step one draw of the step's random
+    choices, IDC's per-class step (:func:`dasm.loop_engine.step_loop`: a real and a synthetic
+    gradient per class, the distance, ``torch.optim.SGD`` on the images after every class),
+    then the network's real-data update. ``init [C, n, ch, H, W]`` at ``synthetic.factor``."""
+    m, C = cfg.match, ds.num_classes
+    name, opts = model_options(cfg.model)
+    mean, std = ds.mean_std(torch.device("cpu"))
+    probe = model_skeleton(name, ds.channels, C, ds.image_size, **opts)
+    idc = SimpleNamespace(m=m, C=C, device=torch.device("cpu"), mean=mean, std=std,
+                          real_images=ds.train_images, ctx=context(),
+                          matched=matched_parameters(probe, m.match_bias, m.match_fc))
+    drawer = StepDrawer(m, C, Strategy.parse(m.augment), ds.image_size, gen, torch.device("cpu"))
+    pools, everything = ds.class_index(), torch.arange(len(ds.train_labels))
+    f = cfg.synthetic.factor[0] if isinstance(cfg.synthetic.factor, list) else cfg.synthetic.factor
+    images, momentum = init.clone(), torch.zeros_like(init)
+    for _ in range(m.iterations):
+        model = build_model(name, ds.channels, C, ds.image_size, generator=gen, **opts)
+        model.train()
+        opt = network_optimizer(model, m)
+        images = images.clamp(0, 1)
+        for _ in range(m.inner_steps):
+            draws = drawer.draw(pools, images.shape[1], 0, f, 1)
+            images, momentum, _ = step_loop(idc, model, draws, images, momentum, None, m.lr_img)
+            network_update(model, opt, ds.train_images, ds.train_labels, everything, m,
+                           Strategy.parse(m.net_augment), mean, std, gen)
+    return images.clamp(0, 1)
+
+
+def test_one_segment_is_idc(fmnist_small, tmp_path):
+    """K = 1 with every DASM switch on equals IDC: the seeded init draw, the mix init and IDC's
+    loop transcribed without the Matcher (:func:`idc_segment`). The batched engine sums in
+    another order than IDC's per-class loop, so the images agree to the engine tolerance
+    (each update at its own scale, test_matching); a K = 1 run that trained a scorer or
+    conditioned networks, scaled the step or drew another pool would consume other random
+    numbers or move the images otherwise, and fail."""
+    step = "match.lr_img=1"  # images move far past float rounding (updates ~1e-2, not 1e-4)
     on = smoke_config("dasm.segments=1", "dasm.pool=lack", "dasm.match_init=conditioned",
-                      "dasm.step_parity=true", "synthetic.factor=[2]")
+                      "dasm.step_parity=true", "synthetic.factor=[2]", step)
     got = distill(on, tmp_path / "on", dataset=fmnist_small)
-    cfg = resolve_for(smoke_config(), fmnist_small)
+    cfg = resolve_for(smoke_config(step), fmnist_small)
     gen = rng.generator(cfg.seed)
     index = fmnist_small.class_index()
     pick = torch.stack([i[torch.randperm(len(i), generator=gen)[:8]] for i in index])
     real = to_float(fmnist_small.train_images[pick.reshape(-1)]).reshape(10, 8, 1, 28, 28)
     init = init_mix(real, 2)
-    seg = Segment(0, 2, 0, 2, "rank", 0.0, 0.0, "fresh", cfg.match.iterations, (8, 0),
-                  cfg.match.lr_img)
-    want = Matcher(cfg, fmnist_small, torch.device("cpu"), gen).run_segment(
-        init, list(index), torch.arange(len(fmnist_small.train_labels)), seg)
-    assert torch.equal(got.images, want)
+    want = idc_segment(cfg, fmnist_small, gen, init)
+    assert_update_close(init, got.images, want)
+    # the oracle is not blind: IDC at another image step is another set
+    other = idc_segment(cfg.replace(**{"match.lr_img": cfg.match.lr_img * 2}), fmnist_small,
+                        rng.generator(cfg.seed), init)
+    with pytest.raises(AssertionError):
+        assert_update_close(init, got.images, other)
 
 
 @pytest.mark.numerics
