@@ -218,3 +218,50 @@ def test_failing_rank_fails_the_run_and_resume_finishes(one_process, tmp_path, m
     assert r.returncode == 0, r.stderr[-2000:]
     resumed = SyntheticSet.load(out / "synthetic.safetensors")
     torch.testing.assert_close(resumed.images, one_process.images, rtol=1e-3, atol=1e-4)
+
+
+DEFAULTS = ("synthetic.ipc=4", "dasm.segments=2", "data.train_per_class=100")  # nothing forced
+
+
+def _defaults_worker(rank, world, port, out, path):
+    """The package's defaults under ``world`` processes, recording on every rank the lack
+    pools it cut and the set it ended with; rank 0 saves every rank's record."""
+    from conftest import smoke_config
+    from dasm import distributed, schedule
+
+    _init(rank, world, port)
+    cut = []
+    original = schedule.lack_pools
+
+    def recording(*a, **kw):
+        pools, stats = original(*a, **kw)
+        cut.append(torch.cat(pools))
+        return pools, stats
+
+    schedule.lack_pools = recording
+    sset = schedule.distill(smoke_config(*DEFAULTS), out)
+    pools = cut[0] if cut else torch.zeros(0, dtype=torch.int64)
+    record = {"pools": pools, "images": sset.images}
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, record)
+    if rank == 0:
+        torch.save(gathered, path)
+    distributed.shutdown()
+
+
+def test_two_processes_run_the_defaults_with_one_plan(tmp_path):
+    """The package's defaults on Fashion-MNIST (the l1 metric, lack pools for the second
+    segment) under two processes: every rank cuts the same lack pools from the gathered scores
+    and ends with the same set. (Against one process the cut itself may move with the world
+    size's rounding: the module docstring.)"""
+    out, path = tmp_path / "run", tmp_path / "ranks.pt"
+    mp.spawn(_defaults_worker, args=(2, free_port(), str(out), str(path)), nprocs=2, join=True)
+    ranks = torch.load(path)
+    assert len(ranks[0]["pools"]) > 0, "no lack pool was cut: the defaults did not run"
+    assert torch.equal(ranks[0]["pools"], ranks[1]["pools"])
+    assert torch.equal(ranks[0]["images"], ranks[1]["images"])
+    cfg = (out / "config.yaml").read_text()
+    assert "metric: l1" in cfg and "pool: lack" in cfg
+    starts = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "segment_start" in line]
+    assert [s["pool"] for s in starts] == ["full", "lack"]
