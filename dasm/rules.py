@@ -10,7 +10,7 @@ dasm.segments          what ``segments: auto`` gives (dasm.plan): a count of equ
                        or the per-segment list of an odd IPC (11 + 10)
 synthetic.factor       1 for images under 16 px (8x8 digits lose 21 points with 2); else by
                        storage (dasm.plan.auto_factor): 2 (IDC) while IPC < 100 and 4 x IPC is
-                       at most a quarter of the class, else 1
+                       at most DECODED_SHARE (0.365) of the class, else 1
 dasm.pool              rank when a band (easy_drop, hard_drop) is set; else rank (full pools)
                        at small phi or K = 1; at large phi dasm.plan.LARGE_PHI_PLAN. Where it
                        resolves to rank, lack-pool keys (dasm.plan.LACK_KEYS) shape nothing and
