@@ -1,6 +1,7 @@
 """Shared fixtures. Triton kernels run on the CPU interpreter where no GPU is present; the
 variable must be set before anything imports triton."""
 import os
+import sys
 import subprocess
 
 import pytest
@@ -91,11 +92,20 @@ def smoke_cfg():
 
 
 def load_benchmark(name: str):
-    """A script of ``benchmarks/`` as a module (they are scripts, not a package)."""
+    """A script of ``benchmarks/`` as a module (they are scripts, not a package). Its folder is
+    on ``sys.path`` only while it loads: the scripts put it there for their siblings, and left
+    there it would shadow this ``conftest`` (benchmarks/ has its own) in later imports, such as
+    those of the processes test_distributed spawns."""
     import importlib.util
 
-    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    folder = os.path.join(ROOT, "benchmarks")
+    path = os.path.join(folder, f"{name}.py")
+    saved = list(sys.path)
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
     return module

@@ -81,9 +81,7 @@ def test_readme_accuracy_tables_are_the_results_files():
     """Every accuracy table the README shows between its markers is the one the results file
     gives now (``accuracy.py --report`` writes both), and so is the .md beside the file: a
     figure edited by hand, or a record added without the report, fails here."""
-    load_benchmark("accuracy")  # puts benchmarks/ on sys.path
-    import _records
-    import _report
+    _records, _report = load_benchmark("_records"), load_benchmark("_report")
 
     blocks = 0
     for path in sorted((ROOT / "results").glob("accuracy-*.json")):
