@@ -340,7 +340,9 @@ def write_table(sources: list[str], json_path="results/gpu/auto-table.json",
         with open(src) as f:
             row = device_row(json.load(f), src)
         table[row["source"]["device"]] = row
-    out = {"devices": dict(sorted(table.items())), "default": defaults(table)}
+    out = {"command": "python benchmarks/kernels.py --table-from " + " ".join(
+               sorted({r["source"]["file"] for r in table.values()})),
+           "devices": dict(sorted(table.items())), "default": defaults(table)}
     if json_path:
         io.write_json(json_path, out)
     if module_path:
