@@ -75,8 +75,8 @@ def distill(cfg: Config, out: str | Path, resume: bool = False, dataset: Dataset
     matcher = Matcher(cfg, ds, device, gen, log=run.log, progress=progress)
     crossfit = cross_fitted_scores(cfg, ds, device, progress) \
         if needs_cross_fit(d) and segments[done:] else None
-    window = class_windows(cfg, ds, crossfit)
-    if window_set(d):
+    window = class_windows(cfg, ds, crossfit) if segments[done:] else None
+    if window is not None and window_set(d):
         run.log({"event": "window", "easy": d.window_easy, "hard": d.window_hard,
                  "sizes": [len(w) for w in window]})
     known = None if crossfit is None or not d.lack_known else crossfit["margin"] > 0

@@ -159,3 +159,13 @@ def test_a_window_too_narrow_for_the_inits_is_refused_before_the_run(fmnist_smal
         distill(smoke_config(*SEG, "dasm.window_easy=0.9"), tmp_path / "r",
                 dataset=fmnist_small)
     assert not (tmp_path / "r").exists()
+
+
+def test_resuming_a_finished_windowed_run_measures_no_window(fmnist_small, tmp_path):
+    """--resume of a run whose segments are all done returns its set without training the
+    window's networks (and without failing for want of their scores)."""
+    from dasm.schedule import distill
+    cfg = smoke_config(*SEG, "dasm.window_easy=0.3")
+    first = distill(cfg, tmp_path / "r", dataset=fmnist_small)
+    again = distill(cfg, tmp_path / "r", resume=True, dataset=fmnist_small)
+    assert torch.equal(first.images, again.images)
