@@ -117,3 +117,8 @@ def test_backend_specs_the_readme_offers_load(spec):
     from conftest import smoke_config
 
     assert smoke_config(f"backend={spec}").backend == spec
+
+
+def test_the_cli_offers_every_baseline():
+    from dasm import baselines, cli
+    assert cli.BASELINES == baselines.METHODS
