@@ -55,6 +55,11 @@ METHODS = {
 }
 # real-subset baselines: (baselines.METHODS name, settings)
 SUBSETS = {"window-easy30": ("window", {"dasm.window_easy": 0.3})}
+
+
+def subset_of(method: str) -> tuple[str, dict]:
+    """A real-subset method's ``(dasm.baselines method, config overrides)``."""
+    return SUBSETS.get(method, (method, {}))
 CONTENDERS = ("random", "idc", "idc-f1", "idc-compute", "dasm")
 BASELINES = ("random", "idc", "idc-f1")  # dasm is compared with the best of them
 
@@ -72,7 +77,7 @@ def load_profile(path: str, overrides: list[str], holdout: bool):
 def run_config(base, method: str, ipc: int, seed: int):
     """The config of ``method`` at ``ipc`` and distillation ``seed``."""
     cfg = base.replace(**{"synthetic.ipc": ipc, "seed": seed})
-    over = dict(METHODS[method] or SUBSETS.get(method, (method, {}))[1])
+    over = dict(METHODS[method] or subset_of(method)[1])
     if method == "dasm-k3":
         over["dasm.segments"] = [ipc - 2 * (ipc // 3), ipc // 3, ipc // 3]
     if method == "dasm-split":
@@ -91,7 +96,7 @@ RUN_CONFIG_NOTES = {"dasm-split": "segments 3/4 + 1/4", "dasm-k3": "three near-e
 def describe(method: str) -> str:
     """What ``method`` runs, in settings: its overrides of the profile, or the subset it draws."""
     if METHODS[method] is None:
-        base, over = SUBSETS.get(method, (method, {}))
+        base, over = subset_of(method)
         what = {"random": "a seeded random real subset", "easy": "the lowest-loss real images",
                 "hard": "the highest-loss real images", "window": "a seeded random real subset "
                 "of the difficulty window"}.get(base, base)

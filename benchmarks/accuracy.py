@@ -56,7 +56,7 @@ from dasm.schedule import distill  # noqa: E402
 from dasm.train import accuracy  # noqa: E402
 
 from _common import RESULTS, ROOT, code_unchanged_since, commit, machine  # noqa: E402
-from _methods import (CONTENDERS, METHODS, SUBSETS, budget_of, load_profile,  # noqa: E402
+from _methods import (CONTENDERS, METHODS, budget_of, load_profile, subset_of,  # noqa: E402
                       run_config)
 from _records import claimed, merge, recorded_runs, reusable  # noqa: E402
 from _report import report  # noqa: E402
@@ -210,7 +210,7 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
         if METHODS[method] is None:
             if resume:  # a baseline killed before its set was written: redo it
                 shutil.rmtree(run.path)
-            baselines.run_baseline(SUBSETS.get(method, (method,))[0], cfg, run.path,
+            baselines.run_baseline(subset_of(method)[0], cfg, run.path,
                                    dataset=ds, reference_model=full)
         else:
             distill(cfg, run.path, resume=resume, dataset=ds)

@@ -157,6 +157,12 @@ def preflight(cfg: Config, ds: Dataset) -> None:
                     f"that needs {need}; lower synthetic.ipc or {keys}")
 
 
+def _band_size(n: int, easy: float, hard: float) -> int:
+    """Images of a class of ``n`` inside the ranks ``[easy, 1 - hard)``, as
+    :func:`dasm.scoring.band_pools` cuts them."""
+    return n - int(easy * n) - int(hard * n)
+
+
 def _pool_bound(cfg: Config, s, n: int) -> tuple[int, str, str, str]:
     """Most images of a class of ``n`` that segment ``s``'s pool can hold, what bounds it, its
     keys and their values: the whole class or its difficulty window (dasm.window_*), the
@@ -164,7 +170,7 @@ def _pool_bound(cfg: Config, s, n: int) -> tuple[int, str, str, str]:
     outside the tail only); band and tail are taken within the window."""
     d = cfg.dasm
     if window_set(d) and (s.index or d.window_first):
-        n -= int(d.window_easy * n) + int(d.window_hard * n)
+        n = _band_size(n, d.window_easy, d.window_hard)
         if s.full_pool:
             return n, "difficulty window", "dasm.window_easy/window_hard", \
                 f"{d.window_easy:g}/{d.window_hard:g}"
@@ -173,7 +179,7 @@ def _pool_bound(cfg: Config, s, n: int) -> tuple[int, str, str, str]:
     if s.pool == "lack":
         return (n - int(cfg.dasm.tail_drop * n), "lack pool", "dasm.tail_drop",
                 f"{cfg.dasm.tail_drop:g}")
-    return (n - int(s.easy_drop * n) - int(s.hard_drop * n), "difficulty band",
+    return (_band_size(n, s.easy_drop, s.hard_drop), "difficulty band",
             "dasm.easy_drop/hard_drop", f"{s.easy_drop:g}/{s.hard_drop:g}")
 
 

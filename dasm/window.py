@@ -39,11 +39,11 @@ def cross_fitted_scores(cfg, ds: Dataset, device, progress: bool = False) -> dic
     settings = TrainSettings.from_eval(cfg.eval, cfg.dasm.window_epochs)
     n = ds.train_images.shape[0]
     out = {k: torch.empty(n) for k in SCORES}
+    mean, std = ds.mean_std(torch.device(device))
     for j, (fit, held) in enumerate(((halves[0], halves[1]), (halves[1], halves[0]))):
         net = train_new(model_options(cfg.model), ds.train_images[fit], ds.train_labels[fit],
                         ds, settings, gen, device, progress, desc=f"window {j + 1}/2",
                         data_parallel=True)
-        mean, std = ds.mean_std(torch.device(device))
         for k, v in score_images(net, ds.train_images[held], ds.train_labels[held], mean,
                                  std).items():
             out[k][held] = v
