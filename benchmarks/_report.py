@@ -139,6 +139,7 @@ def markdown(records, ipcs, methods, split) -> str:
                  f"{soft['teacher']} (the full-data network below), KL at T = "
                  f"{soft['temperature']:g}, the same augmentation.")
     text += "\n\nMethods: " + "; ".join(f"`{m}` {describe(m)}" for m in methods) + "."
+    text += "\n" + provenance(records)
     full, others = full_data_line(records)
     if full:
         text += f"\nFull training set, same network and protocol ({full['epochs']} epochs): " \
@@ -147,6 +148,29 @@ def markdown(records, ipcs, methods, split) -> str:
     text += "\n\nWall time, minutes (distillation + evaluation, mean over seeds; two " \
             "single-thread workers side by side):\n\n" + table(times, cols)
     return text + "\n"
+
+
+def provenance(records) -> str:
+    """Which code measured which records (a table may mix commits: a sweep reruns only what
+    the code behind a record no longer is): ``commit: method (IPCs)``, records without a
+    commit last."""
+    by: dict[str, dict[str, set]] = {}
+    for r in records:
+        commit = (r.get("commit") or "")[:7]
+        by.setdefault(commit, {}).setdefault(r["method"], set()).add(r["ipc"])
+
+    def listed(methods):
+        return ", ".join(m + ("" if ipcs == {None} else " (" + ", ".join(
+            str(i) for i in sorted(i for i in ipcs if i is not None)) + ")")
+            for m, ipcs in sorted(methods.items(), key=lambda kv: order.index(kv[0])))
+
+    order = ["full-data", *METHODS]
+
+    parts = [f"{c}: {listed(by[c])}" for c in sorted(c for c in by if c)]
+    if "" in by:
+        parts.append(f"no commit recorded (measured before records named one; a sweep reruns "
+                     f"them): {listed(by[''])}")
+    return "Code behind the records, by commit (method and IPCs): " + "; ".join(parts) + "."
 
 
 GAP = (float("nan"), float("nan"))  # a point not measured: the plot's line breaks there

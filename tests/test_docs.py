@@ -93,3 +93,21 @@ def test_readme_accuracy_tables_are_the_results_files():
             blocks += 1
             assert README.split(begin, 1)[1].split(end, 1)[0] == f"\n{md}", name
     assert blocks >= 1, "the README shows no accuracy table from results/"
+
+
+def test_a_report_names_the_code_behind_its_records():
+    """A table that mixes commits says which record is whose; records without a commit (made
+    before records named one) are named as such, not passed off as this code's."""
+    _report = load_benchmark("_report")
+
+    def rec(method, ipc, seed, commit=None):
+        return {"method": method, "ipc": ipc, "seed": seed, "accuracies": [0.8], "mean": 0.8,
+                "std": 0.0, **({"commit": commit} if commit else {})}
+
+    records = [rec("random", 100, 0), rec("dasm", 100, 0, "abcdef0123"),
+               rec("dasm", 1000, 0, "abcdef0123"), rec("idc", 1000, 0, "1234567aaa")]
+    md = _report.markdown(records, [100, 1000], ["random", "idc", "dasm"], "test")
+    line = next(s for s in md.splitlines() if s.startswith("Code behind the records"))
+    assert "1234567: idc (1000)" in line and "abcdef0: dasm (100, 1000)" in line
+    assert line.index("1234567") < line.index("abcdef0") < line.index("no commit recorded")
+    assert line.split("no commit recorded", 1)[1].endswith(": random (100).")
