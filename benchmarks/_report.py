@@ -33,7 +33,7 @@ def report(path: Path, name: str):
     records, ipcs, methods, split = contents(path)
     md = markdown(records, ipcs, methods, split)
     io.write_text(RESULTS / f"accuracy-{name}.md", md)
-    if sync_readme(name, md):
+    if sync_readme(name, readme_part(md)):
         print(f"README.md: the accuracy-{name} block rewritten")
     plot(records, ipcs, methods, RESULTS / f"accuracy-{name}.png", f"{name} ({split} split)")
     print(md)
@@ -43,6 +43,15 @@ def readme_block(name: str) -> tuple[str, str]:
     """The markers around the README's copy of ``results/accuracy-<name>.md``."""
     return f"<!-- results/accuracy-{name}.md: written by benchmarks/accuracy.py --report -->", \
         f"<!-- end of results/accuracy-{name}.md -->"
+
+
+WALL_TIMES = "\n\nWall time, minutes"  # where a report's accuracy part ends
+
+
+def readme_part(md: str) -> str:
+    """What the README shows of a report: the accuracies and their notes, not the wall times
+    (they stay in ``results/accuracy-<name>.md``)."""
+    return md.split(WALL_TIMES, 1)[0] + "\n"
 
 
 def sync_readme(name: str, md: str, path: Path = ROOT / "README.md") -> bool:
@@ -145,7 +154,7 @@ def markdown(records, ipcs, methods, split) -> str:
         text += f"\nFull training set, same network and protocol ({full['epochs']} epochs): " \
                 f"{full['mean'] * 100:.2f}%" + "".join(
                     f"; {o['epochs']} epochs: {o['mean'] * 100:.2f}%" for o in others) + "."
-    text += "\n\nWall time, minutes (distillation + evaluation, mean over seeds; two " \
+    text += WALL_TIMES + " (distillation + evaluation, mean over seeds; two " \
             "single-thread workers side by side):\n\n" + table(times, cols)
     return text + "\n"
 
