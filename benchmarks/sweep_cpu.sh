@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/sweep_cpu.sh          # both workers; logs in runs/sweep-a.log, runs/sweep-b.log
 #   bash benchmarks/sweep_cpu.sh a        # one worker
+#   bash benchmarks/sweep_cpu.sh soft     # the soft-label curve (random and dasm under one teacher)
 #
 # Every accuracy.py call reuses the records already in results/*.json (same config identity,
 # evaluation epochs and repeats), so a sweep that was killed, or moved to a machine without
@@ -29,8 +30,9 @@ acc() { "$PY" benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --set r
 held() { acc --holdout --tag highipc --repeats 2 --no-full-data "$@"; }  # pass --seeds
 
 curve() {  # the test curve of one distillation seed (IPC 10, one seed only, is done)
-  acc --no-full-data --seeds "$1" --ipc 1000 --methods random idc-f1 dasm
-  acc --no-full-data --seeds "$1" --ipc 500 --methods random idc-f1 dasm
+  acc --no-full-data --seeds "$1" --ipc 1000 --methods random idc-f1 dasm window-easy30
+  acc --no-full-data --seeds "$1" --ipc 500 --methods random idc-f1 dasm window-easy30
+  acc --no-full-data --seeds "$1" --ipc 200 --methods window-easy30
   acc --no-full-data --seeds "$1" --ipc 1000 500 --methods idc-compute
   acc --no-full-data --seeds "$1" --ipc 100 200
   acc --no-full-data --seeds "$1" --ipc 500 1000 --methods idc
@@ -54,12 +56,22 @@ worker_b() {
   acc --ipc 10 --methods random  # the 50-epoch full-data line (the IPC 10 record is reused)
 }
 
+# soft labels (stored: the teacher's logits in the set; the first call trains the teacher, the
+# full-data network, or waits for the other worker's): dasm - random under the same labels
+soft() { acc --labels stored --methods random dasm --seeds "$1" --ipc 1000
+         acc --labels stored --methods random dasm --seeds "$1" --ipc 500
+         acc --labels stored --methods random dasm --seeds "$1" --ipc 100; }
+
 case "${1:-both}" in
+  soft)
+    soft 0 > runs/soft-a.log 2>&1 &
+    soft 1 > runs/soft-b.log 2>&1 &
+    wait ;;
   a) worker_a ;;
   b) worker_b ;;
   both)
     worker_a > runs/sweep-a.log 2>&1 &
     worker_b > runs/sweep-b.log 2>&1 &
     wait ;;
-  *) echo "usage: $0 [a|b]" >&2; exit 2 ;;
+  *) echo "usage: $0 [a|b|soft]" >&2; exit 2 ;;
 esac
