@@ -91,6 +91,13 @@ def evaluation(run: RunDir, ds, repeats: int, soft: dict | None = None) -> dict:
     return api.evaluate(run.path, repeats=repeats, dataset=ds, progress=False, overrides=over)
 
 
+def in_checkout(path) -> str:
+    """``path`` relative to the checkout where it lies inside it (a record names no machine's
+    folders), else as given."""
+    p = Path(path)
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def distill_seconds(run: RunDir) -> float:
     if not run.metrics.exists():
         return 0.0
@@ -165,7 +172,7 @@ def main():
         rec = {"method": "full-data", "ipc": None, "seed": tcfg.eval.teacher_seed,
                "budget": None, "key": meta["identity"], "epochs": soft["eval.teacher_epochs"],
                "accuracies": [float(meta["accuracy"])], "mean": float(meta["accuracy"]),
-               "std": 0.0, "commit": commit(), "labels": "hard", "teacher": meta["path"]}
+               "std": 0.0, "commit": commit(), "labels": "hard", "teacher": in_checkout(meta["path"])}
         merge(results_path, header, rec)
         print(f"teacher {meta['identity']} ({rec['epochs']} epochs, {meta['path']}): "
               f"{rec['mean'] * 100:.2f}%", flush=True)
