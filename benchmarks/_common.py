@@ -40,6 +40,13 @@ def code_unchanged_since(rev: str | None) -> bool:
     return r.returncode == 0
 
 
+def in_checkout(path) -> str:
+    """``path`` relative to the checkout where it lies inside it (a record names no machine's
+    folders), else as given."""
+    p = Path(path).absolute()  # not resolved: a linked runs/ still counts as inside
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:

@@ -168,12 +168,12 @@ def provenance(records) -> str:
         commit = (r.get("commit") or "")[:7]
         by.setdefault(commit, {}).setdefault(r["method"], set()).add(r["ipc"])
 
+    order = ["full-data", *METHODS]
+
     def listed(methods):
         return ", ".join(m + ("" if ipcs == {None} else " (" + ", ".join(
             str(i) for i in sorted(i for i in ipcs if i is not None)) + ")")
             for m, ipcs in sorted(methods.items(), key=lambda kv: order.index(kv[0])))
-
-    order = ["full-data", *METHODS]
 
     parts = [f"{c}: {listed(by[c])}" for c in sorted(c for c in by if c)]
     if "" in by:

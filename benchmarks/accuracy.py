@@ -55,7 +55,8 @@ from dasm.synthetic import SyntheticSet  # noqa: E402
 from dasm.schedule import distill  # noqa: E402
 from dasm.train import accuracy  # noqa: E402
 
-from _common import RESULTS, ROOT, code_unchanged_since, commit, machine  # noqa: E402
+from _common import (RESULTS, ROOT, code_unchanged_since, commit, in_checkout,  # noqa: E402
+                     machine)
 from _methods import (CONTENDERS, METHODS, budget_of, load_profile, subset_of,  # noqa: E402
                       run_config)
 from _records import claimed, merge, recorded_runs, reusable  # noqa: E402
@@ -89,13 +90,6 @@ def evaluation(run: RunDir, ds, repeats: int, soft: dict | None = None) -> dict:
                 (soft["key"], repr(float(soft["eval.temperature"]))):
             api.relabel(run.path, over, dataset=ds, progress=False)
     return api.evaluate(run.path, repeats=repeats, dataset=ds, progress=False, overrides=over)
-
-
-def in_checkout(path) -> str:
-    """``path`` relative to the checkout where it lies inside it (a record names no machine's
-    folders), else as given."""
-    p = Path(path)
-    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
 def distill_seconds(run: RunDir) -> float:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, table, update_results  # noqa: E402
+from _common import in_checkout, table, update_results  # noqa: E402
 
 from dasm.rundir import RunDir  # noqa: E402
 from dasm.synthetic import SyntheticSet  # noqa: E402
@@ -51,8 +51,7 @@ def main():
     for path in a.runs:
         run = RunDir(path)
         s = stats(SyntheticSet.load(run.synthetic))
-        name = str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) \
-            else str(path)
+        name = in_checkout(path)
         update_results("soft-label-stats.json", name, {**s, "argv": sys.argv})
         rows.append({"run": name, **{k: (f"{v:.3f}" if isinstance(v, float) else v)
                                      for k, v in s.items()}})
