@@ -47,16 +47,20 @@ def in_checkout(path) -> str:
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or ""
+def cpu_name() -> str:
+    """This machine's CPU model as /proc/cpuinfo names it (float rounding, and so the last
+    digits of a measurement, differ between CPUs: every record names its own)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    info = {"argv": sys.argv, "cpu": cpu, "cores": os.cpu_count(),
+    return platform.processor() or ""
+
+
+def machine() -> dict:
+    info = {"argv": sys.argv, "cpu": cpu_name(), "cores": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():

@@ -160,13 +160,15 @@ def markdown(records, ipcs, methods, split) -> str:
 
 
 def provenance(records) -> str:
-    """Which code measured which records (a table may mix commits: a sweep reruns only what
-    the code behind a record no longer is): ``commit: method (IPCs)``, records without a
+    """Which code on which CPU measured which records (a table may mix commits: a sweep reruns
+    only what the code behind a record no longer is; and machines: the last digits of a
+    measurement differ between CPUs): ``commit on CPU: method (IPCs)``, records without a
     commit last."""
     by: dict[str, dict[str, set]] = {}
     for r in records:
         commit = (r.get("commit") or "")[:7]
-        by.setdefault(commit, {}).setdefault(r["method"], set()).add(r["ipc"])
+        where = f"{commit} on {r['cpu']}" if commit and r.get("cpu") else commit
+        by.setdefault(where, {}).setdefault(r["method"], set()).add(r["ipc"])
 
     order = ["full-data", *METHODS]
 
@@ -179,7 +181,8 @@ def provenance(records) -> str:
     if "" in by:
         parts.append(f"no commit recorded (measured before records named one; a sweep reruns "
                      f"them): {listed(by[''])}")
-    return "Code behind the records, by commit (method and IPCs): " + "; ".join(parts) + "."
+    return ("Code behind the records, by commit and CPU where recorded (method and IPCs): "
+            + "; ".join(parts) + ".")
 
 
 GAP = (float("nan"), float("nan"))  # a point not measured: the plot's line breaks there

@@ -10,9 +10,10 @@
 # evaluation epochs and repeats), so a sweep that was killed, or moved to a machine without
 # runs/, resumes by running this script again: only what is missing runs; a run that both
 # workers reach is made once (the second waits for it). The workers split the test curve by
-# distillation seed, the headline first (IPC 1000 and 500: random, idc-f1, dasm), then equal
-# compute, IPC 100-200, and idc at factor 2 at IPC 500 and 1000 (40,000 decoded images to train
-# on at 1000: about 2 h per seed here). Then the held-out trials whose rules were written first:
+# distillation seed, the headline first (IPC 1000 and 500: random, idc-f1, dasm, the window
+# coreset), then IPC 200-100 and 50 (and 10, seed 0), then idc and equal compute (idc-compute)
+# at IPC 100-200, then IPC 500-1000, and idc at factor 2 there last (40,000 decoded images to
+# train on at 1000: about 1 h per seed here). Then the held-out trials whose rules were written first:
 # results/ablation-phi-200.json (where PHI_LARGE belongs: IPC 200; done, its calls reuse the
 # records) and results/ablation-highipc-fill-2.json (dasm-fill with a second distillation seed;
 # done: not adopted) and results/ablation-phi-crossover.json (IPC 150 and 100;
@@ -29,12 +30,12 @@ mkdir -p runs
 acc() { "$PY" benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --set runtime.threads=1 "$@"; }
 held() { acc --holdout --tag highipc --repeats 2 --no-full-data "$@"; }  # pass --seeds
 
-curve() {  # the test curve of one distillation seed (IPC 10, one seed only, is done)
-  acc --no-full-data --seeds "$1" --ipc 1000 --methods random idc-f1 dasm window-easy30
-  acc --no-full-data --seeds "$1" --ipc 500 --methods random idc-f1 dasm window-easy30
-  acc --no-full-data --seeds "$1" --ipc 200 --methods window-easy30
+curve() {  # the test curve of one distillation seed, cheapest decisive records first
+  acc --no-full-data --seeds "$1" --ipc 1000 500 --methods random idc-f1 dasm window-easy30
+  acc --no-full-data --seeds "$1" --ipc 200 100 --methods random idc-f1 dasm window-easy30
+  acc --no-full-data --seeds "$1" --ipc 50 $([ "$1" = 0 ] && echo 10)  # IPC 10: seed 0 only
+  acc --no-full-data --seeds "$1" --ipc 100 200 --methods idc-compute idc
   acc --no-full-data --seeds "$1" --ipc 1000 500 --methods idc-compute
-  acc --no-full-data --seeds "$1" --ipc 100 200
   acc --no-full-data --seeds "$1" --ipc 500 1000 --methods idc
 }
 

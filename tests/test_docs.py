@@ -102,14 +102,17 @@ def test_a_report_names_the_code_behind_its_records():
     before records named one) are named as such, not passed off as this code's."""
     _report = load_benchmark("_report")
 
-    def rec(method, ipc, seed, commit=None):
+    def rec(method, ipc, seed, commit=None, cpu=None):
         return {"method": method, "ipc": ipc, "seed": seed, "accuracies": [0.8], "mean": 0.8,
-                "std": 0.0, **({"commit": commit} if commit else {})}
+                "std": 0.0, **({"commit": commit} if commit else {}),
+                **({"cpu": cpu} if cpu else {})}
 
     records = [rec("random", 100, 0), rec("dasm", 100, 0, "abcdef0123"),
-               rec("dasm", 1000, 0, "abcdef0123"), rec("idc", 1000, 0, "1234567aaa")]
-    md = _report.markdown(records, [100, 1000], ["random", "idc", "dasm"], "test")
+               rec("dasm", 1000, 0, "abcdef0123"), rec("idc", 1000, 0, "1234567aaa"),
+               rec("idc-f1", 1000, 0, "abcdef0123", "CPU B"), rec("dasm", 200, 1, None, "CPU B")]
+    md = _report.markdown(records, [100, 200, 1000], ["random", "idc", "idc-f1", "dasm"], "test")
     line = next(s for s in md.splitlines() if s.startswith("Code behind the records"))
     assert "1234567: idc (1000)" in line and "abcdef0: dasm (100, 1000)" in line
+    assert "abcdef0 on CPU B: idc-f1 (1000)" in line  # same commit, another machine: apart
     assert line.index("1234567") < line.index("abcdef0") < line.index("no commit recorded")
-    assert line.split("no commit recorded", 1)[1].endswith(": random (100).")
+    assert line.split("no commit recorded", 1)[1].endswith(": random (100), dasm (200).")
