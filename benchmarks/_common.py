@@ -59,8 +59,14 @@ def cpu_name() -> str:
     return platform.processor() or ""
 
 
+def measured_on() -> dict:
+    """What a record names of where it was measured: the commit (a sweep reuses the record only
+    while the package code is this commit's) and the CPU."""
+    return {"commit": commit(), "cpu": cpu_name()}
+
+
 def machine() -> dict:
-    info = {"argv": sys.argv, "cpu": cpu_name(), "cores": os.cpu_count(),
+    info = {"argv": sys.argv, "cores": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
@@ -70,8 +76,7 @@ def machine() -> dict:
             info["triton"] = triton.__version__
         except ImportError:
             pass
-    info["commit"] = commit()
-    return info
+    return {**info, **measured_on()}
 
 
 def update_results(name: str, key: str, value) -> Path:

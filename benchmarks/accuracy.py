@@ -55,8 +55,8 @@ from dasm.synthetic import SyntheticSet  # noqa: E402
 from dasm.schedule import distill  # noqa: E402
 from dasm.train import accuracy  # noqa: E402
 
-from _common import (RESULTS, ROOT, code_unchanged_since, commit, cpu_name,  # noqa: E402
-                     in_checkout, machine)
+from _common import (RESULTS, ROOT, code_unchanged_since, in_checkout,  # noqa: E402
+                     machine, measured_on)
 from _methods import (CONTENDERS, METHODS, budget_of, load_profile, subset_of,  # noqa: E402
                       run_config)
 from _records import claimed, merge, recorded_runs, reusable  # noqa: E402
@@ -166,7 +166,7 @@ def main():
         rec = {"method": "full-data", "ipc": None, "seed": tcfg.eval.teacher_seed,
                "budget": None, "key": meta["identity"], "epochs": soft["eval.teacher_epochs"],
                "accuracies": [float(meta["accuracy"])], "mean": float(meta["accuracy"]),
-               "std": 0.0, "commit": commit(), "cpu": cpu_name(), "labels": "hard",
+               "std": 0.0, **measured_on(), "labels": "hard",
                "teacher": in_checkout(meta["path"])}
         merge(results_path, header, rec)
         print(f"teacher {meta['identity']} ({rec['epochs']} epochs, {meta['path']}): "
@@ -223,8 +223,7 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
            "segments": s["segments"], "train_images": s["train_images"],
            "epochs": s["epochs"], "config_identity": resolved.identity(),
            "argv": sys.argv[1:],  # the worker's own command (the header: the last)
-           "commit": commit(),  # reused only while the package code is this commit's
-           "cpu": cpu_name(),
+           **measured_on(),
            "run_dir": str(run.path.relative_to(ROOT)), "labels": s.get("labels", "hard"),
            **({k: s[k] for k in ("temperature", "teacher")} if soft else {})}
     print(f"  ipc {ipc:4d} seed {seed} {method:15s} {rec['mean'] * 100:6.2f} +- "
@@ -264,7 +263,7 @@ def full_data(base, ds, runs_root: Path, epochs: int, recorded: list[dict] = (),
     acc = accuracy(model, ds.test_images, ds.test_labels, mean, std)
     return model, {"method": "full-data", "ipc": None, "seed": cfg.seed, "budget": None,
                    "key": f"{key:016x}", "epochs": epochs, "accuracies": [acc], "mean": acc,
-                   "std": 0.0, "commit": commit(), "cpu": cpu_name(),
+                   "std": 0.0, **measured_on(),
                    "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -13,7 +13,8 @@
 # distillation seed, the headline first (IPC 1000 and 500: random, idc-f1, dasm, the window
 # coreset), then IPC 200-100 and 50 (and 10, seed 0), then idc and equal compute (idc-compute)
 # at IPC 100-200, then IPC 500-1000, and idc at factor 2 there last (40,000 decoded images to
-# train on at 1000: about 1 h per seed here). Then the held-out trials whose rules were written first:
+# train on at 1000: about 1 h per seed here). Then the held-out trials whose rules were written
+# first:
 # results/ablation-phi-200.json (where PHI_LARGE belongs: IPC 200; done, its calls reuse the
 # records) and results/ablation-highipc-fill-2.json (dasm-fill with a second distillation seed;
 # done: not adopted) and results/ablation-phi-crossover.json (IPC 150 and 100;
