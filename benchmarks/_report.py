@@ -75,18 +75,24 @@ def pooled(records, method, ipc):
     return [x for r in rs for x in r["accuracies"]], [r["seed"] for r in rs]
 
 
-def paired(records, ipc, a="dasm", b="idc"):
-    """Per-seed differences ``a - b`` of the mean accuracies (points), seeds present in both;
-    ``b = "best"``: the best of :data:`BASELINES` present for that seed."""
+def paired(records, ipc, a="dasm", b="idc", baselines=BASELINES, seeds=None):
+    """Per-seed differences ``a - b`` of the mean accuracies (points), seeds present in both
+    (and in ``seeds`` when given), in seed order; ``a`` or ``b`` = "best": the best of
+    ``baselines`` present for that seed."""
     by = {(r["method"], r["seed"]): r["mean"] for r in records if r["ipc"] == ipc}
-    if b == "best":
-        out = []
-        for (m, seed), v in by.items():
-            base = [by[(x, seed)] for x in BASELINES if (x, seed) in by]
-            if m == a and base:
-                out.append((v - max(base)) * 100)
-        return out
-    return [(by[(a, s)] - by[(b, s)]) * 100 for (m, s) in by if m == a and (b, s) in by]
+
+    def value(method, seed):
+        if method != "best":
+            return by.get((method, seed))
+        base = [by[(x, seed)] for x in baselines if (x, seed) in by]
+        return max(base) if base else None
+
+    out = []
+    for seed in sorted({s for _, s in by} if seeds is None else seeds):
+        va, vb = value(a, seed), value(b, seed)
+        if va is not None and vb is not None:
+            out.append((va - vb) * 100)
+    return out
 
 
 def full_data_line(records):

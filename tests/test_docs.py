@@ -116,3 +116,31 @@ def test_a_report_names_the_code_behind_its_records():
     assert "abcdef0 on CPU B: idc-f1 (1000)" in line  # same commit, another machine: apart
     assert line.index("1234567") < line.index("abcdef0") < line.index("no commit recorded")
     assert line.split("no commit recorded", 1)[1].endswith(": random (100), dasm (200).")
+
+
+def test_seed_pairs_pairs_per_seed_and_reads_the_interval():
+    """Differences pair one seed's records (the best baseline chosen per seed, missing seeds
+    skipped); the interval is the t interval of the sample (n - 1) std, worked by hand here."""
+    seed_pairs = load_benchmark("seed_pairs")
+
+    def rec(method, seed, mean):
+        return {"method": method, "ipc": 1000, "seed": seed, "mean": mean}
+
+    records = [rec("dasm", 0, 0.900), rec("random", 0, 0.890), rec("idc-f1", 0, 0.895),
+               rec("dasm", 1, 0.890), rec("random", 1, 0.892), rec("idc-f1", 1, 0.880),
+               rec("dasm", 2, 0.901), rec("random", 2, 0.895),
+               rec("dasm", 3, 0.950)]  # seed 3: no baseline, not paired
+    rows = seed_pairs.rows(records, 1000, None, [("dasm", "best")], ["random", "idc-f1"], 0.5)
+    (row,) = rows
+    assert row["n"] == 3 and row["per seed"] == "+0.50, -0.20, +0.60"
+    # mean 0.3, sample std sqrt(((0.2)^2 + (0.5)^2 + (0.3)^2) / 2) = sqrt(0.19) = 0.4359;
+    # t(0.975, 2) = 4.3027: half width 4.3027 * 0.4359 / sqrt(3) = 1.0828
+    assert row["mean"] == "+0.30" and row["std"] == "0.44"
+    assert row["95 % interval"] == "[-0.78, +1.38]"
+    assert row["reading"] == "undecided (contains 0 and +0.5)"
+    only = seed_pairs.rows(records, 1000, [0, 2], [("dasm", "random")], ["random"], 0.5)[0]
+    assert only["per seed"] == "+1.00, +0.60"
+    assert seed_pairs.reading(0.6, 0.9, 0.5) == "above +0.5"
+    assert seed_pairs.reading(0.1, 0.4, 0.5) == "above 0, under +0.5"
+    assert seed_pairs.reading(-0.1, 0.4, 0.5) == "level (contains 0)"
+    assert seed_pairs.reading(-0.9, -0.1, 0.5) == "below 0"
