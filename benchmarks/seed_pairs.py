@@ -9,7 +9,8 @@ Per pair ``a:b`` (``best``: the best of ``--baselines`` for that seed) it prints
 differences d_s = a - b (points, each the mean of that seed's evaluation repeats), their mean,
 sample standard deviation and the interval mean +- t(0.975, n - 1) * std / sqrt(n), and a
 reading: above the margin, containing it (undecided), between 0 and the margin, containing 0
-(level), or below 0. With ``--rule`` the table is written as the rule file's ``outcome``.
+(level), or below 0. With ``--rule`` the rows go into the rule file's ``outcome``, replacing
+those of the same IPC and pair.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def main(argv=None):
     ap.add_argument("--pairs", nargs="+", default=["dasm:best"], help="a:b, b may be 'best'")
     ap.add_argument("--baselines", nargs="+", default=["random", "idc", "idc-f1"])
     ap.add_argument("--margin", type=float, default=0.5)
-    ap.add_argument("--rule", type=Path, help="write the table as this rule file's outcome")
+    ap.add_argument("--rule", type=Path, help="put the rows into this rule file's outcome")
     args = ap.parse_args(argv)
     pairs = []
     for p in args.pairs:
@@ -92,10 +93,18 @@ def main(argv=None):
           f"std with n - 1; interval: mean +- t(0.975, n - 1) std / sqrt(n)")
     if args.rule:
         data = json.loads(args.rule.read_text())
-        data["outcome"] = {"written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                           "command": "python " + " ".join(sys.argv), **measured_on(),
-                           "rows": out}
+        data["outcome"] = outcome(data.get("outcome", {}), out, "python " + " ".join(sys.argv))
         io.write_json(args.rule, data)
+
+
+def outcome(old: dict, new_rows: list[dict], command: str) -> dict:
+    """A rule file's outcome with ``new_rows``: they replace the rows of the same IPC and pair,
+    the others stay (one call per set of baselines), and the commands that wrote it are kept."""
+    fresh = {(r["IPC"], r["pair"]) for r in new_rows}
+    rows = [r for r in old.get("rows", []) if (r["IPC"], r["pair"]) not in fresh] + new_rows
+    commands = [c for c in old.get("commands", []) if c != command] + [command]
+    return {"written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **measured_on(),
+            "commands": commands, "rows": sorted(rows, key=lambda r: (-r["IPC"], r["pair"]))}
 
 
 if __name__ == "__main__":

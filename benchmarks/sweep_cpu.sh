@@ -5,6 +5,7 @@
 #   bash benchmarks/sweep_cpu.sh          # both workers; logs in runs/sweep-a.log, runs/sweep-b.log
 #   bash benchmarks/sweep_cpu.sh a        # one worker
 #   bash benchmarks/sweep_cpu.sh soft     # the soft-label curve (random and dasm under one teacher)
+#   bash benchmarks/sweep_cpu.sh seeds    # IPC 1000, distillation seeds 2-5 (the headline's spread)
 #
 # Every accuracy.py call reuses the records already in results/*.json (same config identity,
 # evaluation epochs and repeats), so a sweep that was killed, or moved to a machine without
@@ -64,7 +65,17 @@ soft() { acc --labels stored --methods random dasm --seeds "$1" --ipc 1000
          acc --labels stored --methods random dasm --seeds "$1" --ipc 500
          acc --labels stored --methods random dasm --seeds "$1" --ipc 100; }
 
+# more seeds where the margin is as small as the seed-to-seed spread (results/curve-ipc1000-seeds.json;
+# verdict: python benchmarks/seed_pairs.py --ipc 1000 --pairs dasm:best dasm:window-easy30 ...)
+more_seeds() { for s in "$@"; do
+                 acc --no-full-data --seeds "$s" --ipc 1000 --methods random idc-f1 dasm window-easy30
+               done; }
+
 case "${1:-both}" in
+  seeds)
+    more_seeds 2 4 > runs/seeds-a.log 2>&1 &
+    more_seeds 3 5 > runs/seeds-b.log 2>&1 &
+    wait ;;
   soft)
     soft 0 > runs/soft-a.log 2>&1 &
     soft 1 > runs/soft-b.log 2>&1 &
@@ -75,5 +86,5 @@ case "${1:-both}" in
     worker_a > runs/sweep-a.log 2>&1 &
     worker_b > runs/sweep-b.log 2>&1 &
     wait ;;
-  *) echo "usage: $0 [a|b|soft]" >&2; exit 2 ;;
+  *) echo "usage: $0 [a|b|soft|seeds]" >&2; exit 2 ;;
 esac

@@ -144,3 +144,13 @@ def test_seed_pairs_pairs_per_seed_and_reads_the_interval():
     assert seed_pairs.reading(0.1, 0.4, 0.5) == "above 0, under +0.5"
     assert seed_pairs.reading(-0.1, 0.4, 0.5) == "level (contains 0)"
     assert seed_pairs.reading(-0.9, -0.1, 0.5) == "below 0"
+
+
+def test_seed_pairs_outcome_replaces_only_its_own_rows():
+    seed_pairs = load_benchmark("seed_pairs")
+    row = lambda ipc, pair, mean: {"IPC": ipc, "pair": pair, "mean": mean}  # noqa: E731
+    old = {"rows": [row(1000, "dasm - best", "+0.10"), row(50, "dasm - idc", "-0.20")],
+           "commands": ["python a"]}
+    got = seed_pairs.outcome(old, [row(1000, "dasm - best", "+0.30")], "python b")
+    assert got["rows"] == [row(1000, "dasm - best", "+0.30"), row(50, "dasm - idc", "-0.20")]
+    assert got["commands"] == ["python a", "python b"] and "commit" in got
