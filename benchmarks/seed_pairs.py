@@ -30,6 +30,7 @@ from scipy import stats  # noqa: E402
 from dasm import io  # noqa: E402
 
 from _common import RESULTS, measured_on, table  # noqa: E402
+from _methods import BASELINES  # noqa: E402
 from _records import contents  # noqa: E402
 from _report import paired  # noqa: E402
 
@@ -74,7 +75,7 @@ def main(argv=None):
     ap.add_argument("--ipc", type=int, nargs="+", required=True)
     ap.add_argument("--seeds", type=int, nargs="+", help="default: every seed recorded")
     ap.add_argument("--pairs", nargs="+", default=["dasm:best"], help="a:b, b may be 'best'")
-    ap.add_argument("--baselines", nargs="+", default=["random", "idc", "idc-f1"])
+    ap.add_argument("--baselines", nargs="+", default=list(BASELINES))
     ap.add_argument("--margin", type=float, default=0.5)
     ap.add_argument("--rule", type=Path, help="put the rows into this rule file's outcome")
     args = ap.parse_args(argv)

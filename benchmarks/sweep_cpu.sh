@@ -29,12 +29,14 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 mkdir -p runs
 
+HEADLINE="random idc-f1 dasm window-easy30"  # the methods of the high-IPC headline
+
 acc() { "$PY" benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --set runtime.threads=1 "$@"; }
 held() { acc --holdout --tag highipc --repeats 2 --no-full-data "$@"; }  # pass --seeds
 
 curve() {  # the test curve of one distillation seed, cheapest decisive records first
-  acc --no-full-data --seeds "$1" --ipc 1000 500 --methods random idc-f1 dasm window-easy30
-  acc --no-full-data --seeds "$1" --ipc 200 100 --methods random idc-f1 dasm window-easy30
+  acc --no-full-data --seeds "$1" --ipc 1000 500 --methods $HEADLINE
+  acc --no-full-data --seeds "$1" --ipc 200 100 --methods $HEADLINE
   acc --no-full-data --seeds "$1" --ipc 50 $([ "$1" = 0 ] && echo 10)  # IPC 10: seed 0 only
   acc --no-full-data --seeds "$1" --ipc 100 200 --methods idc-compute idc
   acc --no-full-data --seeds "$1" --ipc 1000 500 --methods idc-compute
@@ -65,10 +67,10 @@ soft() { acc --labels stored --methods random dasm --seeds "$1" --ipc 1000
          acc --labels stored --methods random dasm --seeds "$1" --ipc 500
          acc --labels stored --methods random dasm --seeds "$1" --ipc 100; }
 
-# more seeds where the margin is as small as the seed-to-seed spread (results/curve-ipc1000-seeds.json;
-# verdict: python benchmarks/seed_pairs.py --ipc 1000 --pairs dasm:best dasm:window-easy30 ...)
+# more seeds where the margin is as small as the seed-to-seed spread
+# (results/curve-ipc1000-seeds.json; verdict: python benchmarks/seed_pairs.py --ipc 1000 ...)
 more_seeds() { for s in "$@"; do
-                 acc --no-full-data --seeds "$s" --ipc 1000 --methods random idc-f1 dasm window-easy30
+                 acc --no-full-data --seeds "$s" --ipc 1000 --methods $HEADLINE
                done; }
 
 case "${1:-both}" in
