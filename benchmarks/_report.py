@@ -13,9 +13,10 @@ from _methods import BASELINES, METHODS, budget_of, describe
 from _records import contents
 
 # what each dasm row is paired against: the best baseline, idc at equal compute, and the
-# difficulty window alone as a real coreset (the selection DASM must add to)
+# difficulty windows alone as real coresets (the selection DASM must add to; 15 %: the
+# plan's own window)
 COMPARISONS = (("best", "paired"), ("idc-compute", "paired, equal compute"),
-               ("window-easy30", "paired, coreset"))
+               ("window-easy30", "paired, coreset"), ("window-easy15", "paired, coreset"))
 # under soft labels, also against a random subset given the same teacher (DD-Ranking's point:
 # how much of a gain the labels carry)
 SOFT_COMPARISONS = COMPARISONS + (("random", "paired, same labels"),)

@@ -110,8 +110,9 @@ class DasmConfig:
     pool_multiple: float = 2.0
     # the difficulty window (dasm.window): per class, ranks [window_easy, 1 - window_hard) of the
     # loss under a cross-fitted network (window_epochs on the other half of the class) bound
-    # every pool and init; window_first: segment 1 draws from it too (else later segments only)
-    window_easy: float = 0.0
+    # every pool and init; window_first: segment 1 draws from it too (else later segments only);
+    # window_easy auto: dasm.plan's rule (0.15 at large kept fractions, else no window)
+    window_easy: Union[float, str] = AUTO
     window_hard: float = 0.0
     window_epochs: int = 8
     window_first: bool = True
@@ -199,6 +200,9 @@ class Config:
         if d["dasm"]["pool"] == "rank":  # keys that shape lack pools only shape nothing here
             for key in LACK_KEYS:
                 d["dasm"].pop(key)
+        if d["eval"]["labels"] == "hard":  # nor do the soft-label keys under hard labels
+            for key in SOFT_LABEL_KEYS:
+                d["eval"].pop(key)
         for key, neutral in IDENTITY_SINCE.items():
             section, leaf = key.split(".")
             if d[section].get(leaf) == neutral:
@@ -218,6 +222,7 @@ class Config:
 
 
 IDENTITY_EXCLUDES = ("runtime", "dist")
+SOFT_LABEL_KEYS = ("temperature", "teacher", "teacher_epochs", "teacher_seed")  # eval.*
 # Keys added after results were first recorded, with the value that reproduces the behaviour from
 # before they existed. At that value a key is left out of the identity, so a record made before
 # it existed keeps its identity (and a sweep reuses it); any other value enters the hash.

@@ -16,6 +16,8 @@ dasm.pool              rank when a band (easy_drop, hard_drop) is set; else rank
                        resolves to rank, lack-pool keys (dasm.plan.LACK_KEYS) shape nothing and
                        are reset to their defaults, so the saved config says what ran
 dasm.match_init        fresh at small phi or K = 1; at large phi dasm.plan.LARGE_PHI_PLAN
+dasm.window_easy       0 (no window) at small phi or K = 1; at large phi dasm.plan.WINDOW_EASY
+                       (0.15: each class's easiest 15 % by a cross-fitted loss left out)
 match.metric           l1 for MNIST-likes, mse otherwise
 match.lr_img           1e-4 (MNIST-likes) or 5e-3, x (ipc/10) x (size/base)^2 x lr_img_scale;
                        base 28 for MNIST, 32 otherwise; ipc: the largest segment's
@@ -115,6 +117,7 @@ RULES: list[tuple[str, Rule]] = [
     ("synthetic.factor", _plan_rule("synthetic.factor")),
     ("dasm.pool", _plan_rule("dasm.pool")),
     ("dasm.match_init", _plan_rule("dasm.match_init")),
+    ("dasm.window_easy", _plan_rule("dasm.window_easy")),
     ("match.metric", lambda d, f: "l1" if f.mnist_like else "mse"),
     ("match.lr_img", _lr_img),
     ("match.augment", lambda d, f: "color_crop_cutout"),

@@ -21,6 +21,7 @@ NON_NEGATIVE = ("match.n_data", "match.class_chunk", "match.frozen_per_class",
                 "data.image_size", "runtime.threads", "eval.teacher_epochs", "eval.teacher_seed")
 FRACTIONS = ("dasm.easy_drop", "dasm.hard_drop", "dasm.tail_drop", "dasm.coverage",
              "dasm.window_easy", "dasm.window_hard")
+AUTO_FRACTIONS = ("dasm.window_easy",)  # fractions that may also be auto (the plan's rule)
 
 
 def _get(cfg, key: str):
@@ -47,9 +48,12 @@ def validate(cfg) -> None:
     for key in FRACTIONS:
         value = _get(cfg, key)
         for v in value if isinstance(value, list) else [value]:
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"config key '{key}' must lie in [0, 1), got {v}")
-    if cfg.dasm.window_easy + cfg.dasm.window_hard >= 1:
+            if v == AUTO and key in AUTO_FRACTIONS:
+                continue
+            if isinstance(v, str) or not 0.0 <= v < 1.0:
+                raise ConfigError(f"config key '{key}' must lie in [0, 1)"
+                                  f"{' or be auto' if key in AUTO_FRACTIONS else ''}, got {v!r}")
+    if cfg.dasm.window_easy != AUTO and cfg.dasm.window_easy + cfg.dasm.window_hard >= 1:
         raise ConfigError(f"config keys 'dasm.window_easy' + 'dasm.window_hard' leave no window: "
                           f"{cfg.dasm.window_easy} + {cfg.dasm.window_hard} >= 1")
     if not 0 < cfg.dasm.distill_share <= 1:

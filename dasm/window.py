@@ -40,10 +40,12 @@ def cross_fitted_scores(cfg, ds: Dataset, device, progress: bool = False) -> dic
     n = ds.train_images.shape[0]
     out = {k: torch.empty(n) for k in SCORES}
     mean, std = ds.mean_std(torch.device(device))
+    # Every rank trains both networks whole (not data-parallel): the window is a discrete cut
+    # of ranks, and a sharded sum's rounding moves images across its edge, so a window under
+    # torch.distributed would differ from one process's.
     for j, (fit, held) in enumerate(((halves[0], halves[1]), (halves[1], halves[0]))):
         net = train_new(model_options(cfg.model), ds.train_images[fit], ds.train_labels[fit],
-                        ds, settings, gen, device, progress, desc=f"window {j + 1}/2",
-                        data_parallel=True)
+                        ds, settings, gen, device, progress, desc=f"window {j + 1}/2")
         for k, v in score_images(net, ds.train_images[held], ds.train_labels[held], mean,
                                  std).items():
             out[k][held] = v

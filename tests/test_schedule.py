@@ -33,7 +33,8 @@ from conftest import smoke_config
 from test_matching import assert_update_close
 
 SEG = ("synthetic.ipc=4", "dasm.segments=2", "data.train_per_class=40")  # phi = 4/40: large
-BAND = SEG + ("dasm.easy_drop=0.25", "dasm.hard_drop=0.1", "dasm.match_init=scorer")  # v2
+BAND = SEG + ("dasm.easy_drop=0.25", "dasm.hard_drop=0.1", "dasm.match_init=scorer",
+              "dasm.window_easy=0")  # v2: a band of the whole class
 V3 = SEG + ("dasm.pool=lack", "dasm.match_init=conditioned")  # every v3 piece on
 
 
@@ -122,21 +123,29 @@ def test_factor_follows_storage_not_the_kept_fraction():
 
 
 def test_pools_follow_the_kept_fraction():
-    """Later segments draw lack pools with fresh networks from phi = PHI_LARGE on, full pools
-    below; one segment stays IDC whatever phi is; a band asked for keeps rank pools."""
+    """Later segments draw lack pools with fresh networks, and every segment draws from the
+    difficulty window without each class's easiest 15 %, from phi = PHI_LARGE on; full pools of
+    the whole class below; one segment stays IDC whatever phi is; a band asked for keeps rank
+    pools; an explicit window wins over the plan's."""
     assert auto_plan(50, 2, 6000) == {"synthetic.factor": 2, "dasm.pool": "rank",
-                                      "dasm.match_init": "fresh"}
+                                      "dasm.match_init": "fresh", "dasm.window_easy": 0.0}
     pool, init = LARGE_PHI_LATER_SEGMENTS
     assert auto_plan(1000, 2, 6000) == {"synthetic.factor": 1, "dasm.pool": pool,
-                                        "dasm.match_init": init}
+                                        "dasm.match_init": init, "dasm.window_easy": 0.15}
     assert auto_plan(50, 2, 1000) == {"synthetic.factor": 2, "dasm.pool": pool,
-                                      "dasm.match_init": init}  # the two axes apart
+                                      "dasm.match_init": init,
+                                      "dasm.window_easy": 0.15}  # the two axes apart
     assert auto_plan(1000, 1, 6000)["dasm.pool"] == "rank"
+    assert auto_plan(1000, 1, 6000)["dasm.window_easy"] == 0.0
     edge = math.ceil(PHI_LARGE * 6000)
     assert auto_plan(edge, 2, 6000)["dasm.pool"] == "lack"
     assert auto_plan(edge - 1, 2, 6000)["dasm.pool"] == "rank"
+    assert auto_plan(edge - 1, 2, 6000)["dasm.window_easy"] == 0.0
     assert auto_plan(1000, 2, None)["dasm.pool"] == "rank"  # size unknown: small phi
     small, large = resolved(*SEG, real_per_class=4000), resolved(*SEG)
+    assert (small.dasm.window_easy, large.dasm.window_easy) == (0.0, 0.15)
+    assert resolved(*SEG, "dasm.window_easy=0.3").dasm.window_easy == 0.3
+    assert resolved(*SEG, "dasm.window_easy=0").dasm.window_easy == 0.0
     assert (small.dasm.pool, small.dasm.match_init) == ("rank", "fresh")
     assert (large.dasm.pool, large.dasm.match_init) == LARGE_PHI_LATER_SEGMENTS
     assert resolved(*BAND).dasm.pool == "rank"
@@ -428,7 +437,9 @@ def test_segment_two_draws_real_batches_and_init_from_its_lack_pool(dasm_run, fm
     out, sset, rec = dasm_run
     n_real = fmnist_small.train_images.shape[0]
     pools1, pools2 = rec.inits[0][1], rec.inits[1][1]
-    assert sum(len(p) for p in pools1) == n_real  # segment 1: the whole class
+    # segment 1: the plan's window at this phi, each class of 40 less its easiest 6 (15 %)
+    assert [len(p) for p in pools1] == [40 - 6] * 10 and n_real == 400
+    assert all(set(p2.tolist()) <= set(p1.tolist()) for p1, p2 in zip(pools1, pools2))
     logged = segment_starts(out)[1]
     assert [len(p) for p in pools2] == logged["pool_sizes"]
     assert all(len(p) < 40 for p in pools2)  # the hardest 5 % (2 of 40) never enter
@@ -573,3 +584,15 @@ def test_resume_with_other_config_refused(dasm_run, fmnist_small):
     out, _, _ = dasm_run
     with pytest.raises(RunDirError, match="config differs in match.lr_img"):
         distill(smoke_config(*V3, "match.lr_img=0.5"), out, resume=True, dataset=fmnist_small)
+
+
+def test_identity_ignores_soft_label_keys_under_hard_labels():
+    """Under hard labels the temperature and the teacher shape nothing, so they do not enter a
+    run's identity (a profile's T does not make hard-label records unreusable); under soft
+    labels they do."""
+    hard = resolved(*SEG).identity()
+    assert resolved(*SEG, "eval.temperature=1").identity() == hard
+    assert resolved(*SEG, "eval.teacher_epochs=7", "eval.teacher_seed=3").identity() == hard
+    soft = resolved(*SEG, "eval.labels=stored").identity()
+    assert soft != hard
+    assert resolved(*SEG, "eval.labels=stored", "eval.temperature=1").identity() != soft

@@ -57,7 +57,8 @@ def test_window_cuts_the_easy_end_of_every_class(fmnist_small):
         easy = [i for i in out if loss[i] <= inside.min()]
         hard = [i for i in out if loss[i] >= inside.max()]
         assert len(easy) == 10 and len(hard) == 4
-    whole = window.class_windows(resolved(fmnist_small, *SEG), fmnist_small, None)
+    whole = window.class_windows(resolved(fmnist_small, *SEG, "dasm.window_easy=0"),
+                                 fmnist_small, None)
     assert all(torch.equal(a, b) for a, b in zip(whole, fmnist_small.class_index()))
     with pytest.raises(ConfigError, match="window_easy' \\+ 'dasm.window_hard' leave no window"):
         smoke_config("dasm.window_easy=0.6", "dasm.window_hard=0.5")
@@ -101,7 +102,8 @@ def test_window_coreset_draws_inside_the_window(fmnist_small):
     for img in sset.images.flatten(0, 1).flatten(1):
         assert (inside - img).abs().amax(1).min() == 0  # every picked image is a window image
     with pytest.raises(ConfigError, match="baseline 'window' needs a window"):
-        baselines.select_subset("window", resolved(fmnist_small, *SEG), fmnist_small)
+        baselines.select_subset("window", resolved(fmnist_small, *SEG, "dasm.window_easy=0"),
+                                fmnist_small)
 
 
 def test_lack_candidates_must_be_known_to_a_real_data_network():
