@@ -51,6 +51,7 @@ METHODS = {
     "dasm-window-easy30": {"dasm.window_easy": 0.3},
     "dasm-window-easy30-later": {"dasm.window_easy": 0.3, "dasm.window_first": False},
     "dasm-window-easy15": {"dasm.window_easy": 0.15},
+    "dasm-no-window": NO_WINDOW,  # the plan without its window (results/plan-window-reach.json)
     "dasm-window-hard10": {"dasm.window_hard": 0.1},
     "dasm-known": {"dasm.lack_known": True},
     "dasm-distill20": {"dasm.distill_share": 0.2},
