@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from dasm import api, baselines, io, teacher  # noqa: E402
 from dasm.rules import resolve_for  # noqa: E402
 from dasm.data import dataset_from_config  # noqa: E402
-from dasm.rundir import RunDir, load_tensors  # noqa: E402
+from dasm.rundir import RunDir  # noqa: E402
 from dasm.synthetic import SyntheticSet  # noqa: E402
 from dasm.schedule import distill  # noqa: E402
 from dasm.train import accuracy  # noqa: E402
@@ -116,6 +116,7 @@ def main():
     p.add_argument("--labels", choices=teacher.REGIMES, default="hard",
                    help="labels every method is evaluated under (dasm.teacher)")
     a = p.parse_args()
+    os.environ.setdefault("DASM_TEACHERS", str(ROOT / "runs" / "teachers"))  # one per identity
 
     base, bench = load_profile(a.profile, a.set, a.holdout)
     profile = Path(a.profile).stem
@@ -157,22 +158,15 @@ def main():
 
     full = None
     if soft:  # the teacher is the full-data network: its record is the full-data line
-        os.environ.setdefault("DASM_TEACHERS", str(ROOT / "runs" / "teachers"))
         tcfg = resolve_for(base.replace(**soft, **({"eval.teacher": teacher_file}
                                                    if teacher_file else {})), ds)
-        with claimed(teacher.teacher_path(tcfg).with_suffix(".lock")):  # trained once
-            full, meta = teacher.load_or_train(tcfg, ds, progress=True)
+        full, meta, rec = full_data_network(tcfg, ds)
         soft.update({"eval.teacher": meta["path"], "key": meta["identity"]})
-        rec = {"method": "full-data", "ipc": None, "seed": tcfg.eval.teacher_seed,
-               "budget": None, "key": meta["identity"], "epochs": soft["eval.teacher_epochs"],
-               "accuracies": [float(meta["accuracy"])], "mean": float(meta["accuracy"]),
-               "std": 0.0, **measured_on(), "labels": "hard",
-               "teacher": in_checkout(meta["path"])}
         merge(results_path, header, rec)
         print(f"teacher {meta['identity']} ({rec['epochs']} epochs, {meta['path']}): "
               f"{rec['mean'] * 100:.2f}%", flush=True)
     elif any(m in ("easy", "hard") for m in methods) or not a.no_full_data:
-        full, rec = full_data(base, ds, runs_root,
+        full, rec = full_data(base, ds,
                               a.full_data_epochs or bench.get("full_data_epochs", base.eval.epochs),
                               recorded_runs(results_path),
                               need_model=any(m in ("easy", "hard") for m in methods))
@@ -232,39 +226,39 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
     return rec
 
 
-def full_data(base, ds, runs_root: Path, epochs: int, recorded: list[dict] = (),
-              need_model: bool = True):
-    """The evaluation network trained on the whole training set (cached), and its record. A
-    record of the same key already in the results file is reused when the network itself is
-    not needed (``need_model``: the easy/hard coresets): returns ``(None, record)`` then."""
+def full_data(base, ds, epochs: int, recorded: list[dict] = (), need_model: bool = True):
+    """The evaluation network trained on the whole training set, and its record. It is the
+    soft-label teacher of the same identity (:mod:`dasm.teacher`: one safetensors file per
+    identity, trained once, whichever regime asks first). A record of the same key already in
+    the results file is reused when the network itself is not needed (``need_model``: the
+    easy/hard coresets): returns ``(None, record)`` then."""
     cfg = resolve_for(base, ds)
+    tcfg = cfg.replace(**{"eval.teacher": "", "eval.teacher_seed": cfg.seed,
+                          "eval.teacher_epochs": epochs})
     # keyed by what defines this network (data, model, evaluation protocol, seed), not by the
     # matching settings, so every method of a sweep shares it (a teacher's identity)
-    key = int(teacher.protocol_key(cfg), 16)
+    key = teacher.protocol_key(teacher.teacher_config(tcfg))
     for r in recorded:
-        if r["method"] == "full-data" and r.get("key") == f"{key:016x}" and \
-                r.get("epochs") == epochs and not need_model and \
-                code_unchanged_since(r.get("commit")):
+        if r["method"] == "full-data" and r.get("key") == key and r.get("epochs") == epochs \
+                and not need_model and code_unchanged_since(r.get("commit")):
             return None, r
-    path = runs_root / f"full-data-model-{epochs}ep-{key:016x}.pt"
-    t0 = time.perf_counter()
-    if path.exists():
-        from dasm.models import build_model
-        from dasm.train import eval_model_spec
+    model, _, rec = full_data_network(tcfg, ds)
+    return model, rec
 
-        nm, opts = eval_model_spec(cfg)
-        model = build_model(nm, ds.channels, ds.num_classes, ds.image_size,
-                            generator=torch.Generator(), device=cfg.device, **opts)
-        model.load_state_dict(load_tensors(path, "delete it to train the network again"))
-    else:
-        model = baselines.full_data_model(cfg, ds, epochs, progress=True)
-        io.torch_save(model.state_dict(), path)
-    mean, std = ds.mean_std(cfg.device)
-    acc = accuracy(model, ds.test_images, ds.test_labels, mean, std)
-    return model, {"method": "full-data", "ipc": None, "seed": cfg.seed, "budget": None,
-                   "key": f"{key:016x}", "epochs": epochs, "accuracies": [acc], "mean": acc,
-                   "std": 0.0, **measured_on(),
-                   "seconds": round(time.perf_counter() - t0, 1)}
+
+def full_data_network(tcfg, ds):
+    """The teacher ``tcfg`` names (trained once, under a lock, or read from its file), its
+    metadata, and its record: the full-data line (hard labels)."""
+    t0 = time.perf_counter()
+    with claimed(teacher.teacher_path(tcfg).with_suffix(".lock")):  # trained once
+        model, meta = teacher.load_or_train(tcfg, ds, progress=True)
+    acc = float(meta["accuracy"])
+    return model, meta, {"method": "full-data", "ipc": None, "seed": tcfg.eval.teacher_seed,
+                         "budget": None, "key": meta["identity"],
+                         "epochs": tcfg.eval.teacher_epochs or tcfg.eval.epochs,
+                         "accuracies": [acc], "mean": acc, "std": 0.0, **measured_on(),
+                         "labels": "hard", "teacher": in_checkout(meta["path"]),
+                         "seconds": round(time.perf_counter() - t0, 1)}
 
 
 if __name__ == "__main__":
