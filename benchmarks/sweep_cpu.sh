@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/sweep_cpu.sh          # both workers; logs in runs/sweep-a.log, runs/sweep-b.log
 #   bash benchmarks/sweep_cpu.sh a        # one worker
-#   bash benchmarks/sweep_cpu.sh soft     # the soft-label curve (random and dasm under one teacher)
+#   bash benchmarks/sweep_cpu.sh soft     # the soft-label curves (every contender, one teacher)
 #   bash benchmarks/sweep_cpu.sh seeds    # IPC 1000, distillation seeds 2-5 (the headline's spread)
 #
 # Every accuracy.py call reuses the records already in results/*.json (same config identity,
@@ -29,7 +29,7 @@ PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 mkdir -p runs
 
-HEADLINE="random idc-f1 dasm window-easy30"  # the methods of the high-IPC headline
+HEADLINE="random idc-f1 dasm window-easy15 window-easy30"  # the high-IPC headline (two coresets)
 
 acc() { "$PY" benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --set runtime.threads=1 "$@"; }
 held() { acc --holdout --tag highipc --repeats 2 --no-full-data "$@"; }  # pass --seeds
@@ -61,11 +61,12 @@ worker_b() {
   acc --ipc 10 --methods random  # the 50-epoch full-data line (the IPC 10 record is reused)
 }
 
-# soft labels (stored: the teacher's logits in the set; the first call trains the teacher, the
-# full-data network, or waits for the other worker's): dasm - random under the same labels
-soft() { acc --labels stored --methods random dasm --seeds "$1" --ipc 1000
-         acc --labels stored --methods random dasm --seeds "$1" --ipc 500
-         acc --labels stored --methods random dasm --seeds "$1" --ipc 100; }
+# soft labels (issue 29): every contender under one teacher, temperature and augmentation,
+# stored (the teacher's logits in the set) then teacher (every batch relabelled); the first call
+# trains the teacher, the full-data network, or waits for the other worker's
+soft() { for regime in stored teacher; do for ipc in 1000 500 100; do
+           acc --labels "$regime" --methods random dasm idc-f1 idc --seeds "$1" --ipc "$ipc"
+         done; done; }
 
 # more seeds where the margin is as small as the seed-to-seed spread
 # (results/curve-ipc1000-seeds.json; verdict: python benchmarks/seed_pairs.py --ipc 1000 ...)

@@ -111,7 +111,7 @@ class DasmConfig:
     # the difficulty window (dasm.window): per class, ranks [window_easy, 1 - window_hard) of the
     # loss under a cross-fitted network (window_epochs on the other half of the class) bound
     # every pool and init; window_first: segment 1 draws from it too (else later segments only);
-    # window_easy auto: dasm.plan's rule (0.15 at large kept fractions, else no window)
+    # window_easy auto: dasm.plan's rule (0.15 at large kept fractions from IPC 500, else none)
     window_easy: Union[float, str] = AUTO
     window_hard: float = 0.0
     window_epochs: int = 8

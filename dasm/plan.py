@@ -13,15 +13,16 @@ pre-run checks, the schedule, the matcher and the benchmarks read one plan. Segm
   :mod:`dasm.rules`).
 - *The kept fraction decides the pools.* ``phi = IPC / real_per_class``: from ``PHI_LARGE`` on,
   later segments draw lack pools (what a network trained on S_<k misses) with fresh networks,
-  and every segment draws from the difficulty window that leaves out the easiest
-  ``WINDOW_EASY`` of each class (:data:`LARGE_PHI_PLAN`); below it, full pools (IDC's) of the
-  whole class.
+  and, from ``WINDOW_MIN_IPC`` on, every segment draws from the difficulty window that leaves
+  out the easiest ``WINDOW_EASY`` of each class (:data:`LARGE_PHI_PLAN`); below ``PHI_LARGE``,
+  full pools (IDC's) of the whole class.
 
 Segments: ``auto`` splits IPC >= ``AUTO_MIN_IPC`` into two segments (halves; an odd IPC gives
 the first segment the extra image). The numbers behind every constant, and what was tried and
 rejected, are in ``docs/experiments.md``; the measured grids are ``results/plan-size-grid.json``
 (the factor axis on 300-5000 images per class), ``results/accuracy-cpu-holdout-highipc.md``
-(the pools at large phi) and ``results/ablation-highipc-switches.json`` (the window).
+(the pools at large phi), ``results/ablation-highipc-switches.json`` (the window) and
+``results/plan-window-reach.json`` (where the window pays).
 
 Rank pools are per-class difficulty ranks, easiest first, as fractions ``[lo, hi)`` of the
 class: segment ``k >= 1`` of ``K`` leaves out the easiest ``lo_k = easy_drop * k / (K - 1)``
@@ -48,6 +49,7 @@ IPC_FACTOR1 = 100  # factor auto: full resolution from this many stored images p
 DECODED_SHARE = 0.365  # factor auto: 2 only while 4 x IPC decoded images are at most this share
 PHI_LARGE = 0.015  # kept fraction IPC / real-per-class from which LARGE_PHI_PLAN applies
 WINDOW_EASY = 0.15  # the large-phi plan's window: easiest share of each class left out
+WINDOW_MIN_IPC = 500  # ... from this IPC on (it lost at IPC 50-200: results/plan-window-reach.json)
 SMALL_PHI_PLAN = {"dasm.pool": "rank", "dasm.match_init": "fresh", "dasm.window_easy": 0.0}
 LARGE_PHI_PLAN = {"dasm.pool": "lack", "dasm.match_init": "fresh", "dasm.window_easy": WINDOW_EASY}
 LACK_KEYS = ("lack_margin", "tail_drop", "coverage", "lack_fill", "pool_multiple",
@@ -97,10 +99,13 @@ def auto_factor(ipc: int, real_per_class: int | None) -> int:
 def auto_plan(ipc: int, num_segments: int, real_per_class: int | None) -> dict[str, object]:
     """The ``auto`` values of the plan for images of ordinary size: ``synthetic.factor`` (by
     storage), ``dasm.pool``, ``dasm.match_init`` and ``dasm.window_easy`` (by the kept
-    fraction). One segment is plain IDC whatever phi is: full pools, no window."""
+    fraction; the window from ``WINDOW_MIN_IPC`` on). One segment is plain IDC whatever phi
+    is: full pools, no window."""
     by_phi = LARGE_PHI_PLAN if num_segments > 1 and large_phi(ipc, real_per_class) else \
         SMALL_PHI_PLAN
-    return {"synthetic.factor": auto_factor(ipc, real_per_class), **by_phi}
+    window = by_phi["dasm.window_easy"] if ipc >= WINDOW_MIN_IPC else 0.0
+    return {"synthetic.factor": auto_factor(ipc, real_per_class), **by_phi,
+            "dasm.window_easy": window}
 
 
 def _values(v) -> list:

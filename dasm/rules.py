@@ -16,8 +16,9 @@ dasm.pool              rank when a band (easy_drop, hard_drop) is set; else rank
                        resolves to rank, lack-pool keys (dasm.plan.LACK_KEYS) shape nothing and
                        are reset to their defaults, so the saved config says what ran
 dasm.match_init        fresh at small phi or K = 1; at large phi dasm.plan.LARGE_PHI_PLAN
-dasm.window_easy       0 (no window) at small phi or K = 1; at large phi dasm.plan.WINDOW_EASY
-                       (0.15: each class's easiest 15 % by a cross-fitted loss left out)
+dasm.window_easy       0 (no window) at small phi, K = 1 or IPC < 500 (dasm.plan.WINDOW_MIN_IPC);
+                       else dasm.plan.WINDOW_EASY (0.15: each class's easiest 15 % by a
+                       cross-fitted loss left out)
 match.metric           l1 for MNIST-likes, mse otherwise
 match.lr_img           1e-4 (MNIST-likes) or 5e-3, x (ipc/10) x (size/base)^2 x lr_img_scale;
                        base 28 for MNIST, 32 otherwise; ipc: the largest segment's

@@ -20,8 +20,8 @@ from dasm.loop_engine import step_loop
 from dasm.matching import Matcher, matched_parameters
 from dasm.models import build_model, model_options, model_skeleton
 from dasm.config import DasmConfig
-from dasm.plan import (DECODED_SHARE, IPC_FACTOR1, PHI_LARGE, Segment, auto_factor, auto_plan,
-                       band_for, plan, segment_sizes)
+from dasm.plan import (DECODED_SHARE, IPC_FACTOR1, PHI_LARGE, WINDOW_EASY, WINDOW_MIN_IPC,
+                       Segment, auto_factor, auto_plan, band_for, plan, segment_sizes)
 from dasm.rules import resolve, resolve_for
 from dasm.rundir import RunDir
 from dasm.schedule import distill
@@ -35,7 +35,8 @@ from test_matching import assert_update_close
 SEG = ("synthetic.ipc=4", "dasm.segments=2", "data.train_per_class=40")  # phi = 4/40: large
 BAND = SEG + ("dasm.easy_drop=0.25", "dasm.hard_drop=0.1", "dasm.match_init=scorer",
               "dasm.window_easy=0")  # v2: a band of the whole class
-V3 = SEG + ("dasm.pool=lack", "dasm.match_init=conditioned")  # every v3 piece on
+V3 = SEG + ("dasm.pool=lack", "dasm.match_init=conditioned",  # every v3 piece on,
+             "dasm.window_easy=0.15")  # and the window (the plan's from IPC 500)
 
 
 def test_band_selects_exact_ranks():
@@ -123,10 +124,10 @@ def test_factor_follows_storage_not_the_kept_fraction():
 
 
 def test_pools_follow_the_kept_fraction():
-    """Later segments draw lack pools with fresh networks, and every segment draws from the
-    difficulty window without each class's easiest 15 %, from phi = PHI_LARGE on; full pools of
-    the whole class below; one segment stays IDC whatever phi is; a band asked for keeps rank
-    pools; an explicit window wins over the plan's."""
+    """Later segments draw lack pools with fresh networks from phi = PHI_LARGE on, and from
+    IPC 500 on every segment draws from the difficulty window without each class's easiest
+    15 %; full pools of the whole class below PHI_LARGE; one segment stays IDC whatever phi is;
+    a band asked for keeps rank pools; an explicit window wins over the plan's."""
     assert auto_plan(50, 2, 6000) == {"synthetic.factor": 2, "dasm.pool": "rank",
                                       "dasm.match_init": "fresh", "dasm.window_easy": 0.0}
     pool, init = LARGE_PHI_LATER_SEGMENTS
@@ -134,7 +135,11 @@ def test_pools_follow_the_kept_fraction():
                                         "dasm.match_init": init, "dasm.window_easy": 0.15}
     assert auto_plan(50, 2, 1000) == {"synthetic.factor": 2, "dasm.pool": pool,
                                       "dasm.match_init": init,
-                                      "dasm.window_easy": 0.15}  # the two axes apart
+                                      "dasm.window_easy": 0.0}  # the two axes apart
+    # the window from IPC 500 on, whatever the kept fraction (results/plan-window-reach.json)
+    assert (WINDOW_MIN_IPC, WINDOW_EASY) == (500, 0.15)
+    assert [auto_plan(n, 2, real)["dasm.window_easy"] for real in (6000, 1000)
+            for n in (100, 200, 499, 500, 1000)] == [0.0, 0.0, 0.0, 0.15, 0.15] * 2
     assert auto_plan(1000, 1, 6000)["dasm.pool"] == "rank"
     assert auto_plan(1000, 1, 6000)["dasm.window_easy"] == 0.0
     edge = math.ceil(PHI_LARGE * 6000)
@@ -143,7 +148,10 @@ def test_pools_follow_the_kept_fraction():
     assert auto_plan(edge - 1, 2, 6000)["dasm.window_easy"] == 0.0
     assert auto_plan(1000, 2, None)["dasm.pool"] == "rank"  # size unknown: small phi
     small, large = resolved(*SEG, real_per_class=4000), resolved(*SEG)
-    assert (small.dasm.window_easy, large.dasm.window_easy) == (0.0, 0.15)
+    assert (small.dasm.window_easy, large.dasm.window_easy) == (0.0, 0.0)  # IPC 4 < 500
+    high = ("synthetic.ipc=500", "dasm.segments=2")
+    assert resolved(*high, real_per_class=1000).dasm.window_easy == 0.15
+    assert resolved(*high, real_per_class=40000).dasm.window_easy == 0.0  # small phi
     assert resolved(*SEG, "dasm.window_easy=0.3").dasm.window_easy == 0.3
     assert resolved(*SEG, "dasm.window_easy=0").dasm.window_easy == 0.0
     assert (small.dasm.pool, small.dasm.match_init) == ("rank", "fresh")
@@ -437,7 +445,7 @@ def test_segment_two_draws_real_batches_and_init_from_its_lack_pool(dasm_run, fm
     out, sset, rec = dasm_run
     n_real = fmnist_small.train_images.shape[0]
     pools1, pools2 = rec.inits[0][1], rec.inits[1][1]
-    # segment 1: the plan's window at this phi, each class of 40 less its easiest 6 (15 %)
+    # segment 1: V3's window, each class of 40 less its easiest 6 (15 %)
     assert [len(p) for p in pools1] == [40 - 6] * 10 and n_real == 400
     assert all(set(p2.tolist()) <= set(p1.tolist()) for p1, p2 in zip(pools1, pools2))
     logged = segment_starts(out)[1]
