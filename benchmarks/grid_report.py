@@ -14,18 +14,28 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dasm import io  # noqa: E402
-from dasm.plan import auto_factor, large_phi  # noqa: E402
+from dasm.plan import auto_plan, segment_sizes  # noqa: E402
 
 from _common import RESULTS, commit, table  # noqa: E402
 
-# results file tag suffix -> training images per class (None: the 8 px digits)
-CELLS = {"300": 300, "1000": 1000, "5000": 5000, "-digits": None, "-mnist5k": 300}
+# results file tag suffix -> training images per class (digits: 8 px, about 94 per class)
+CELLS = {"300": 300, "1000": 1000, "5000": 5000, "-digits": 94, "-mnist5k": 300}
+SMALL_IMAGES = {"-digits"}  # factor 1 by image size (dasm.rules)
 PASS_D, PASS_R = -0.3, 0.0
 
 
 def mean(records, method, ipc):
     rs = [r["mean"] * 100 for r in records if r["method"] == method and r["ipc"] == ipc]
     return rs[0] if rs else None
+
+
+def plan_of(ipc: int, per_class: int, small_images: bool) -> str:
+    """What the auto plan of this checkout picks for the cell: factor, pools, window."""
+    p = auto_plan(ipc, len(segment_sizes(ipc, "auto")), per_class)
+    factor = "f1 (8 px)" if small_images else f"f{p['synthetic.factor']}"
+    pools = "lack" if p["dasm.pool"] == "lack" else "full"
+    window = f", window {p['dasm.window_easy']:g}" if p["dasm.window_easy"] else ""
+    return f"{factor}, {pools}{window}"
 
 
 def cells() -> list[dict]:
@@ -38,13 +48,9 @@ def cells() -> list[dict]:
         for ipc in sorted({r["ipc"] for r in records if r["ipc"]}):
             got = {m: mean(records, m, ipc) for m in ("random", "idc", "idc-f1", "dasm")}
             row = {"set": tag.strip("-") if not tag[0].isdigit() else "fashion-mnist",
-                   "per class": n or "~93", "IPC": ipc,
+                   "per class": f"~{n}" if tag in SMALL_IMAGES else n, "IPC": ipc,
                    **{m: f"{v:.2f}" if v is not None else "" for m, v in got.items()}}
-            if n:
-                row["plan"] = f"f{auto_factor(ipc, n)}, " + \
-                    ("lack" if ipc >= 20 and large_phi(ipc, n) else "full")
-            else:
-                row["plan"] = "f1 (8 px), " + ("lack" if ipc >= 20 else "full")
+            row["plan"] = plan_of(ipc, n, tag in SMALL_IMAGES)
             idcs = [v for m, v in got.items() if m in ("idc", "idc-f1") and v is not None]
             if got["dasm"] is not None and idcs and got["random"] is not None:
                 d, r = got["dasm"] - max(idcs), got["dasm"] - got["random"]
