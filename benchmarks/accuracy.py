@@ -14,7 +14,9 @@ with the best of :data:`BASELINES` per distillation seed. Distillation seeds com
 ``benchmark.seeds`` at IPC >= 50 (the first one below).
 
 Every run lives in ``runs/accuracy/<name>/<method>-ipc<N>-seed<S>-<config identity>`` and is
-reused when complete, with its evaluation when ``eval.json`` holds one of the same protocol; a
+reused when complete and made by this checkout's package code (its ``made_by.json`` names the
+commit; a run of other code, or of none named, is moved to ``stale/`` and made again), with its
+evaluation when ``eval.json`` holds one of the same protocol; a
 record already in the results file with the same identity, epochs and repeats is reused without
 ``runs/`` at all (a sweep moved to a new machine runs only what is missing). A changed setting
 makes new runs, never reuses stale ones.
@@ -37,6 +39,7 @@ a hard-label table never mixes with a soft one; the teacher's accuracy is its fu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -90,6 +93,30 @@ def evaluation(run: RunDir, ds, repeats: int, soft: dict | None = None) -> dict:
                 (soft["key"], repr(float(soft["eval.temperature"]))):
             api.relabel(run.path, over, dataset=ds, progress=False)
     return api.evaluate(run.path, repeats=repeats, dataset=ds, progress=False, overrides=over)
+
+
+MADE_BY = "made_by.json"  # in a run directory: {"commit", "cpu"} of the code that made its set
+
+
+def set_aside_if_stale(run: RunDir) -> None:
+    """Move ``run`` (set, checkpoints, evaluations) to ``stale/`` beside it unless its
+    ``made_by.json`` names a commit whose package code is this checkout's: a set made by other
+    code, or by code no directory named, is made again rather than reused under the current
+    commit's name. Nothing is deleted."""
+    if not run.path.exists():
+        return
+    stamp = run.path / MADE_BY
+    made = json.loads(stamp.read_text()).get("commit") if stamp.exists() else None
+    if code_unchanged_since(made):
+        return
+    aside = run.path.parent / "stale" / f"{run.path.name}.made-by-{made or 'unrecorded'}"
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  {run.path.name}: made by {made or 'an unrecorded commit'}, not this checkout's "
+          f"package code: set aside in {in_checkout(aside)} and made again", flush=True)
+    run.path.rename(aside)
 
 
 def distill_seconds(run: RunDir) -> float:
@@ -201,11 +228,15 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
         print(f"  ipc {ipc:4d} seed {seed} {method:15s} {old['mean'] * 100:6.2f} (recorded)",
               flush=True)
         return old
+    set_aside_if_stale(run)
     if not run.synthetic.exists():
         resume = run.config.exists()
+        if resume and METHODS[method] is None:  # a baseline killed before its set was written
+            shutil.rmtree(run.path)
+            resume = False
+        if not resume:
+            io.write_json(run.path / MADE_BY, measured_on())  # the code that makes this set
         if METHODS[method] is None:
-            if resume:  # a baseline killed before its set was written: redo it
-                shutil.rmtree(run.path)
             baselines.run_baseline(subset_of(method)[0], cfg, run.path,
                                    dataset=ds, reference_model=full)
         else:
