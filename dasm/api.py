@@ -42,7 +42,7 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
         if value is not None and value <= 0:
             raise DasmError(f"evaluate: {name} must be a positive integer, got {value}")
     run, cfg, sset, ds = _load_run(run_dir, dataset)
-    previous = evaluations(run)  # a corrupt eval.json stops us before any work
+    evaluations(run)  # a corrupt eval.json stops us before any work
     check_writable("evaluate", [run.evals], [run.metrics])
     if overrides:
         cfg = cfg.replace(**overrides)
@@ -65,9 +65,16 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
                                repeats, tag="full-data", progress=progress)
         summary["full_data"] = full
     _save_or_keep(summary, run.evals, lambda: (
-        io.write_json(run.evals, {"evaluations": previous + [summary]}),
+        _append_evaluation(run, summary),
         run.log({"event": "eval", **{k: v for k, v in summary.items() if k != "full_data"}})))
     return summary
+
+
+def _append_evaluation(run: RunDir, summary: dict) -> None:
+    """Add ``summary`` to eval.json, read again under the run's lock: an evaluation that
+    finished while this one trained (another model, another process) is kept, not overwritten."""
+    with io.locked_folder(run.path):
+        io.write_json(run.evals, {"evaluations": evaluations(run) + [summary]})
 
 
 def relabel(run_dir: str | Path, overrides: dict | None = None, dataset: Dataset | None = None,
@@ -107,6 +114,8 @@ def _save_or_keep(result, path: Path, write) -> None:
     except OSError as e:
         raise UnsavedResult(f"the result above could not be saved to {e.filename or path}: "
                             f"{e.strerror or e}", result) from None
+    except RunDirError as e:  # the file turned corrupt while the work ran
+        raise UnsavedResult(f"the result above could not be saved: {e}", result) from None
 
 
 def evaluations(run: RunDir) -> list[dict]:

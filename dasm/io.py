@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import json
 import os
@@ -193,6 +194,18 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
     """Write a safetensors file atomically and deterministically."""
     payload = safetensors_bytes(tensors, metadata)
     write_with(path, lambda p: p.write_bytes(payload))
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | Path):
+    """Hold an exclusive lock on ``folder`` (POSIX flock on the directory itself: no lock file
+    is left behind) for a read-modify-write of a file in it that other processes may share."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

@@ -58,11 +58,22 @@ def matched_parameters(model: nn.Module, bias: bool, fc: bool) -> list[str]:
     return [n for n, p in model.named_parameters() if keep.get(p.dim(), False)]
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def check_engine(cfg) -> None:
-    """The batched engine needs per-sample independence: no batch norm (raises ConfigError)."""
-    if cfg.match.engine == "batched" and cfg.model.norm == "batch":
-        raise ConfigError("config key 'model.norm': batch norm couples the samples of a batch; "
-                          "the batched engine needs instance or no norm (or match.engine=loop)")
+    """The batched engine needs per-sample independence: no batch norm in the matching network,
+    whether ``model.norm`` asks for it or the model has it built in (resnet18, vgg11); raises
+    ConfigError naming the key. The network is probed on the meta device (no memory)."""
+    if cfg.match.engine != "batched":
+        return
+    name, opts = model_options(cfg.model)
+    probe = model_skeleton(name, 3, 10, (32, 32), **opts)
+    if any(isinstance(m, BATCH_NORMS) for m in probe.modules()):
+        key = "model.norm" if "norm" in opts else "model.name"
+        raise ConfigError(f"config key {key!r}: {name} has batch norm, which couples the samples "
+                          f"of a batch; the batched engine needs instance or no norm (or "
+                          f"match.engine=loop)")
 
 
 # ------------------------------------------------------------------------------ matcher

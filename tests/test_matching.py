@@ -195,11 +195,15 @@ def test_frozen_mix_equals_one_batch(tiny_ds):
     torch.testing.assert_close(big, (5 * gt + 7 * gf) / 12, rtol=1e-4, atol=1e-6)
 
 
-def test_batch_norm_refused_by_batched_engine(tiny_ds):
+@pytest.mark.parametrize("setting,key", [("model.norm=batch", "model.norm"),
+                                         ("model.name=resnet18", "model.name"),
+                                         ("model.name=vgg11", "model.name")])
+def test_batch_norm_refused_by_batched_engine(tiny_ds, setting, key):
+    """Asked for by model.norm, or built into the model (whatever model.norm says)."""
     from dasm.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="batch norm"):
-        make_matcher(tiny_ds, "model.norm=batch")
+    with pytest.raises(ConfigError, match=f"'{key}'.*batch norm"):
+        make_matcher(tiny_ds, setting)
 
 
 def test_matching_uses_conv_weights_only(tiny_ds):

@@ -127,6 +127,27 @@ def test_evaluate_prints_the_accuracy_it_could_not_save(smoke_run, tmp_path, cap
     assert "could not be saved" in captured.err
 
 
+def test_evaluate_keeps_an_evaluation_written_while_it_trained(smoke_run, tmp_path, monkeypatch):
+    """Two evaluations of one run (another model, another process): the one that finishes
+    last re-reads eval.json before writing, so the other's record survives."""
+    from dasm import api, io
+    from dasm.rundir import RunDir
+
+    run = copy_of(smoke_run, tmp_path)
+    before = api.evaluations(RunDir(run))
+    other = {"model": "written meanwhile", "accuracies": [0.5]}
+    train = api.evaluate_images
+
+    def train_while_another_finishes(*args, **kwargs):
+        summary = train(*args, **kwargs)
+        io.write_json(run / "eval.json", {"evaluations": api.evaluations(RunDir(run)) + [other]})
+        return summary
+
+    monkeypatch.setattr(api, "evaluate_images", train_while_another_finishes)
+    mine = api.evaluate(run, repeats=1, progress=False)
+    assert api.evaluations(RunDir(run)) == before + [other, mine]
+
+
 def test_score_prints_the_means_it_could_not_save(smoke_run, tmp_path, capsys, monkeypatch):
     from dasm import io
 
