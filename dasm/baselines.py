@@ -17,9 +17,10 @@ import torch.nn as nn
 
 from . import rng, teacher
 from .config import Config
-from .data import Dataset, normalize, to_float
+from .data import Dataset, dataset_from_config, normalize, to_float
 from .distributed import context
 from .errors import ConfigError
+from .rules import resolve_for
 from .scoring import score_dataset
 from .synthetic import SyntheticSet
 from .window import class_windows, cross_fitted_scores, window_set
@@ -103,7 +104,8 @@ def select_subset(method: str, cfg: Config, ds: Dataset, reference_model: nn.Mod
     if method == "window":
         if not window_set(cfg.dasm):
             raise ConfigError("baseline 'window' needs a window: set dasm.window_easy or "
-                              "dasm.window_hard")
+                              "dasm.window_hard (the plan picks one only at large kept fractions "
+                              "from IPC 500)")
         windows = class_windows(cfg, ds, cross_fitted_scores(cfg, ds, cfg.device, progress))
         short = [ds.classes[c] for c, w in enumerate(windows) if len(w) < ipc]
         if short:
@@ -123,8 +125,13 @@ def run_baseline(method: str, cfg: Config, out: str | Path, dataset: Dataset | N
     from .rundir import prepare
     from .synthetic import save_grid
 
+    ds = dataset if dataset is not None else dataset_from_config(cfg.data)
+    if method == "window":  # the plan's window for this IPC and these segments, made explicit
+        planned = resolve_for(cfg, ds).dasm  # (resolved with one segment, auto means none)
+        cfg = cfg.replace(**{"dasm.window_easy": planned.window_easy,
+                             "dasm.window_hard": planned.window_hard})
     cfg = cfg.replace(**{"synthetic.factor": 1, "dasm.segments": 1})  # real images, one segment
-    cfg, ds, run, _ = prepare(cfg, out, resume=False, dataset=dataset, kind=f"baseline-{method}")
+    cfg, ds, run, _ = prepare(cfg, out, resume=False, dataset=ds, kind=f"baseline-{method}")
     progress = cfg.runtime.progress if progress is None else progress
     sset = select_subset(method, cfg, ds, reference_model, epochs, progress)
     if context().is_main:

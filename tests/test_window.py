@@ -106,6 +106,28 @@ def test_window_coreset_draws_inside_the_window(fmnist_small):
                                 fmnist_small)
 
 
+def test_window_baseline_takes_the_plans_window(fmnist_small, tmp_path, monkeypatch):
+    """`dasm baseline window` with window_easy auto: the window the plan picks for the config's
+    IPC and segments (the baseline itself runs one segment, where auto would mean none)."""
+    from dasm import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "WINDOW_MIN_IPC", 1)  # the large-phi window at IPC 4
+    cfg = smoke_config(*SEG)
+    assert resolved(fmnist_small, *SEG).dasm.window_easy == plan_module.WINDOW_EASY
+    sset = baselines.run_baseline("window", cfg, tmp_path / "w", dataset=fmnist_small)
+    saved = (tmp_path / "w" / "config.yaml").read_text()
+    assert f"window_easy: {plan_module.WINDOW_EASY}" in saved
+    wins = window.class_windows(resolved(fmnist_small, *SEG), fmnist_small,
+                                window.cross_fitted_scores(resolved(fmnist_small, *SEG),
+                                                           fmnist_small, "cpu"))
+    inside = fmnist_small.train_images.float().div(255).flatten(1)[torch.cat(wins)]
+    for img in sset.images.flatten(0, 1).flatten(1):
+        assert (inside - img).abs().amax(1).min() == 0
+    monkeypatch.setattr(plan_module, "WINDOW_MIN_IPC", 500)  # below it the plan has no window
+    with pytest.raises(ConfigError, match="needs a window"):
+        baselines.run_baseline("window", cfg, tmp_path / "none", dataset=fmnist_small)
+
+
 def test_lack_candidates_must_be_known_to_a_real_data_network():
     """lack_known (CCFS): an image the scorer lacks counts as lacking only when the real-data
     network gets it right; the others join the rest (here coverage 0: they stay out)."""
