@@ -14,7 +14,7 @@ import torch
 from . import io, ops, rng, runtime
 from .config import Config
 from .data import Dataset, dataset_from_config
-from .errors import DasmError, RunDirError, UnsavedResult
+from .errors import ConfigError, DasmError, RunDirError, UnsavedResult
 from .models import build_model
 from .rundir import RunDir, check_writable, load_tensors
 from .scoring import score_dataset
@@ -42,10 +42,9 @@ def evaluate(run_dir: str | Path, model: str | None = None, epochs: int | None =
         if value is not None and value <= 0:
             raise DasmError(f"evaluate: {name} must be a positive integer, got {value}")
     run, cfg, sset, ds = _load_run(run_dir, dataset)
+    cfg = _with_eval_overrides(cfg, overrides, "evaluate")
     evaluations(run)  # a corrupt eval.json stops us before any work
     check_writable("evaluate", [run.evals], [run.metrics])
-    if overrides:
-        cfg = cfg.replace(**overrides)
     runtime.apply(cfg)
     progress = cfg.runtime.progress if progress is None else progress
     x, y = sset.decoded()
@@ -83,8 +82,7 @@ def relabel(run_dir: str | Path, overrides: dict | None = None, dataset: Dataset
     e.g. ``eval.teacher``, ``eval.temperature``) names into its synthetic set: the teacher's
     logits on the decoded images (the teacher is read, or trained and cached, first)."""
     run, cfg, sset, ds = _load_run(run_dir, dataset)
-    if overrides:
-        cfg = cfg.replace(**overrides)
+    cfg = _with_eval_overrides(cfg, overrides, "relabel")
     check_writable("relabel", [run.synthetic], [run.metrics])
     runtime.apply(cfg)
     progress = cfg.runtime.progress if progress is None else progress
@@ -95,6 +93,31 @@ def relabel(run_dir: str | Path, overrides: dict | None = None, dataset: Dataset
             "soft_labels": list(labelled.soft.shape), "path": str(run.synthetic)}
     run.log({"event": "relabel", **done})
     return done
+
+
+EVAL_SECTIONS = ("eval", "runtime", "model", "dist")  # --set of evaluate / relabel: these,
+EVAL_KEYS = ("seed", "device", "backend")  # and these; the rest made the set and stay the run's
+
+
+def _with_eval_overrides(cfg: Config, overrides: dict | None, command: str) -> Config:
+    """The run's saved config with the ``--set`` overrides of an evaluation: how the set is
+    trained on and where. A key that shaped the set or its data (``data.*``, ``synthetic.*``,
+    ``match.*``, ``dasm.*``) is refused by name; so is a saved ``device: cuda`` where no CUDA
+    device is present (``device=cpu`` evaluates here)."""
+    for key in overrides or {}:
+        if key not in EVAL_KEYS and key.split(".")[0] not in EVAL_SECTIONS:
+            raise ConfigError(f"config key {key!r}: {command} --set takes "
+                              f"{', '.join(s + '.*' for s in EVAL_SECTIONS)}, "
+                              f"{', '.join(EVAL_KEYS)}; {key} belongs to the run that made the "
+                              f"set (distil again to change it)")
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    cuda = torch.cuda.is_available()
+    if cfg.device == "auto":
+        cfg = cfg.replace(device="cuda" if cuda else "cpu")
+    if cfg.device == "cuda" and not cuda:
+        raise ConfigError("config key 'device': the run's config says cuda and no CUDA device "
+                          "is present; evaluate here with --set device=cpu")
+    return cfg
 
 
 def _eval_settings(cfg: Config, overrides: dict | None) -> dict:

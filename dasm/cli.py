@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--full-data", type=int, metavar="EPOCHS",
                    help="also train the network on the full training set for EPOCHS epochs")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an eval.* or runtime.* key for this evaluation")
+                   help="override a key of this evaluation: eval.*, runtime.*, model.*, "
+                        "dist.*, seed, device, backend")
     e.add_argument("--labels", choices=("hard", "stored", "teacher"),
                    help="labels to train on (eval.labels): hard, the set's stored soft labels, "
                         "or the teacher's on every augmented batch")
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--teacher", metavar="FILE",
                    help="the teacher's file (eval.teacher; trained and written there if absent)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an eval.* or runtime.* key, e.g. eval.temperature=4")
+                   help="override a key of the labelling (as evaluate takes), e.g. "
+                        "eval.temperature=4")
     r.add_argument("--no-progress", action="store_true")
 
     b = sub.add_parser("baseline", help="a real-subset baseline at the same IPC")

@@ -409,3 +409,27 @@ def test_a_killed_writers_young_temporary_is_removed_on_resume(smoke_run, tmp_pa
     young.write_text("half a file")
     assert main(["distill", "--config", SMOKE, "--out", str(run), "--resume"]) == 0
     assert not young.exists()
+
+
+@pytest.mark.parametrize("key", ["data.test_limit=100", "dasm.segments=3", "match.lr_img=1"])
+def test_evaluate_refuses_a_key_that_made_the_set(smoke_run, tmp_path, capsys, key):
+    """Such a key would be recorded in eval.json as if applied while the set stays as made."""
+    run = copy_of(smoke_run, tmp_path)
+    before = (run / "eval.json").read_bytes() if (run / "eval.json").exists() else None
+    assert main(["evaluate", str(run), "--repeats", "1", "--set", key]) == 2
+    one_error_line(capsys, repr(key.split("=")[0]), "belongs to the run")
+    after = (run / "eval.json").read_bytes() if (run / "eval.json").exists() else None
+    assert after == before
+
+
+def test_evaluate_a_cuda_run_without_cuda_names_the_key(smoke_run, tmp_path, capsys,
+                                                        monkeypatch):
+    import torch
+
+    run = copy_of(smoke_run, tmp_path)
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("device: cpu", "device: cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["evaluate", str(run), "--repeats", "1"]) == 2
+    one_error_line(capsys, "'device'", "--set device=cpu")
+    assert main(["evaluate", str(run), "--repeats", "1", "--set", "device=cpu"]) == 0
