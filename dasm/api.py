@@ -184,6 +184,24 @@ def export(run_dir: str | Path, fmt: str, to: str | Path) -> Path:
         raise DasmError(f"export: cannot write {e.filename or to}: {e.strerror or e}") from None
 
 
+def _write_together(files: dict[str, object], to: Path) -> None:
+    """Write ``files`` (name -> tensor, or a dict as JSON) into folder ``to``: all of them into
+    a temporary folder inside it first, then moved into place in order; a failed write leaves
+    none of them, so a retry is not refused by half an export."""
+    to.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=to))
+    try:
+        for name, obj in files.items():
+            if isinstance(obj, dict):
+                io.write_json(tmp / name, obj)
+            else:
+                io.torch_save(obj, tmp / name)
+        for name in files:
+            (tmp / name).replace(to / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _export(sset: SyntheticSet, fmt: str, to: Path) -> Path:
     if fmt == "ddranking":
         targets = [to / "images.pt", to / "labels.pt", to / "meta.json"] + \
@@ -192,22 +210,24 @@ def _export(sset: SyntheticSet, fmt: str, to: Path) -> Path:
         if clash:
             raise DasmError(f"export: {clash[0]} exists; choose another --to")
         x, y = sset.decoded(normalize=True)
+        files: dict[str, object] = {}  # name -> tensor or meta, written together below
         meta = {  # what a reader needs to use images.pt correctly
             "normalised": True, "mean": list(sset.mean), "std": list(sset.std),
             "classes": sset.classes, "ipc": sset.ipc, "factor": sset.factor,
             "decoded_per_class": sset.decoded_per_class, "layout": "class-major [N, ch, H, W]",
             "dataset": sset.dataset, "labels": "class indices [N] int64"}
-        io.torch_save(x.cpu().contiguous(), targets[0])
+        files["images.pt"] = x.cpu().contiguous()
         if sset.soft is None:
-            io.torch_save(y.cpu(), targets[1])
+            files["labels.pt"] = y.cpu()
         else:  # DD-Ranking reads soft labels as a [N, classes] tensor beside images.pt
-            io.torch_save(sset.soft.cpu().contiguous(), targets[1])
-            io.torch_save(y.cpu(), targets[3])
+            files["labels.pt"] = sset.soft.cpu().contiguous()
+            files["hard_labels.pt"] = y.cpu()
             meta.update(labels="teacher logits [N, classes] float32 (soft_label_mode S)",
                         hard_labels="hard_labels.pt: class indices [N] int64",
                         temperature=float(sset.extra["soft_temperature"]),
                         teacher=sset.extra["teacher"])
-        io.write_json(targets[2], meta)
+        files["meta.json"] = meta  # last: a folder with meta.json holds a whole export
+        _write_together(files, to)
         return to
     if fmt == "imagefolder":
         from PIL import Image

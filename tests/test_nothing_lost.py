@@ -110,6 +110,30 @@ def test_export_names_the_file_it_cannot_write(smoke_run, tmp_path):
     one_line(proc, f"cannot write {to / 'images.pt'}")
 
 
+def test_a_failed_ddranking_export_leaves_nothing_a_retry_refuses(smoke_run, tmp_path,
+                                                                 capsys, monkeypatch):
+    """The disk fills after images.pt: no file of the export is left, and a retry writes it."""
+    import errno
+
+    from dasm import io
+
+    to, save, calls = tmp_path / "exp", io.torch_save, []
+
+    def full_after_the_first(obj, path):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        save(obj, path)
+
+    monkeypatch.setattr(io, "torch_save", full_after_the_first)
+    assert main(["export", str(smoke_run), "--format", "ddranking", "--to", str(to)]) == 2
+    one_error_line(capsys, "No space left on device")
+    assert list(to.iterdir()) == []
+    monkeypatch.setattr(io, "torch_save", save)
+    assert main(["export", str(smoke_run), "--format", "ddranking", "--to", str(to)]) == 0
+    assert sorted(f.name for f in to.iterdir()) == ["images.pt", "labels.pt", "meta.json"]
+
+
 def test_evaluate_prints_the_accuracy_it_could_not_save(smoke_run, tmp_path, capsys,
                                                          monkeypatch):
     from dasm import io
