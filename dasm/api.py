@@ -306,6 +306,12 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     check_writable("score: --out", [out])
     check_writable("score: --model-from", [] if ckpt.exists() else [ckpt])
     ds = dataset_from_config(cfg.data)
+    sset = SyntheticSet.load(src.synthetic) if src.synthetic.exists() else None
+    if sset is not None:  # a network trained on another dataset's set scores nothing here
+        sset.check_fits(ds, src.synthetic)
+    elif not ckpt.exists():
+        raise RunDirError(f"score: --model-from {src.path} holds neither model.pt nor "
+                          f"synthetic.safetensors")
     cfg = resolve_for(cfg, ds)
     runtime.apply(cfg)
     progress = cfg.runtime.progress if progress is None else progress
@@ -318,7 +324,7 @@ def score(cfg: Config, model_from: str | Path, out: str | Path, epochs: int | No
     if ckpt.exists():
         model = _saved_scorer(ckpt, recipe, epochs, spec, ds, g, device)
     else:
-        x, y = SyntheticSet.load(src.synthetic).decoded()
+        x, y = sset.decoded()
         model = train_new(spec, x, y, ds, settings, g, device, progress, desc="scorer")
         try:
             io.torch_save({"recipe": recipe, "state": model.state_dict()}, ckpt)

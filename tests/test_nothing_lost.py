@@ -172,6 +172,25 @@ def test_evaluate_keeps_an_evaluation_written_while_it_trained(smoke_run, tmp_pa
     assert api.evaluations(RunDir(run)) == before + [other, mine]
 
 
+@pytest.mark.parametrize("with_model_pt", [False, True])
+def test_score_refuses_a_run_of_another_dataset(smoke_run, tmp_path, capsys, with_model_pt):
+    """A set (and the scorer trained on it) from another dataset of the same shape."""
+    from dasm.synthetic import SyntheticSet
+
+    run = copy_of(smoke_run, tmp_path)
+    argv = ["score", "--config", SMOKE, "--model-from", str(run), "--epochs", "1"]
+    if with_model_pt:
+        assert main(argv + ["--out", str(tmp_path / "first.safetensors")]) == 0
+        capsys.readouterr()
+    sset = SyntheticSet.load(run / "synthetic.safetensors")
+    sset.dataset = "mnist"  # same 1 x 28 x 28, 10 classes
+    sset.save(run / "synthetic.safetensors")
+    out = tmp_path / "s.safetensors"
+    assert main(argv + ["--out", str(out)]) == 2
+    one_error_line(capsys, "distilled from mnist", "fashion-mnist")
+    assert not out.exists()
+
+
 def test_score_prints_the_means_it_could_not_save(smoke_run, tmp_path, capsys, monkeypatch):
     from dasm import io
 
