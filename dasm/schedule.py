@@ -29,7 +29,8 @@
         checkpoint (atomic; the generator state included); grid_seg<k>.png
     S = S_1 ∪ … ∪ S_K, each segment stored at its own factor
 
-K = 1 is plain IDC, bit for bit. ``--resume`` continues after the last finished segment and
+K = 1 is plain IDC, bit for bit, with no window set by hand, ``dasm.distill_share`` 1 and
+``dasm.net_data`` full. ``--resume`` continues after the last finished segment and
 gives the same set as an uninterrupted run.
 """
 from __future__ import annotations
