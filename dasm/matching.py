@@ -44,7 +44,7 @@ from .data import Dataset, to_float
 from .distributed import context
 from .errors import ConfigError
 from .image_optim import ImageOptimizer, bcast
-from .models import build_model, model_options, model_skeleton
+from .models import build_model, has_batch_norm, model_options, model_skeleton
 from .chunking import classes_per_chunk, conv_floats_per_image, frozen_images_per_chunk
 from .draws import StepDraws, StepDrawer
 from .plan import Segment
@@ -58,18 +58,12 @@ def matched_parameters(model: nn.Module, bias: bool, fc: bool) -> list[str]:
     return [n for n, p in model.named_parameters() if keep.get(p.dim(), False)]
 
 
-BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
 def check_engine(cfg) -> None:
-    """The batched engine needs per-sample independence: no batch norm in the matching network,
-    whether ``model.norm`` asks for it or the model has it built in (resnet18, vgg11); raises
-    ConfigError naming the key. The network is probed on the meta device (no memory)."""
-    if cfg.match.engine != "batched":
-        return
+    """The batched engine needs per-sample independence: no batch norm in the matching network
+    (asked for by ``model.norm`` or built in: resnet18, vgg11). Raises ConfigError."""
     name, opts = model_options(cfg.model)
-    probe = model_skeleton(name, 3, 10, (32, 32), **opts)
-    if any(isinstance(m, BATCH_NORMS) for m in probe.modules()):
+    if cfg.match.engine == "batched" and has_batch_norm(model_skeleton(name, 3, 10, (32, 32),
+                                                                       **opts)):
         key = "model.norm" if "norm" in opts else "model.name"
         raise ConfigError(f"config key {key!r}: {name} has batch norm, which couples the samples "
                           f"of a batch; the batched engine needs instance or no norm (or "

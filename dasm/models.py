@@ -239,6 +239,11 @@ def init_parameters(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises over the batch (its samples are not independent)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def model_skeleton(name: str, channels: int, num_classes: int, image_size: tuple[int, int],
                    **options) -> nn.Module:
     """The registry's model on the meta device: shapes only, no memory, no random numbers."""
