@@ -203,17 +203,13 @@ class Config:
         if d["eval"]["labels"] == "hard":  # nor do the soft-label keys under hard labels
             for key in SOFT_LABEL_KEYS:
                 d["eval"].pop(key)
-        for key, neutral in IDENTITY_SINCE.items():
-            section, leaf = key.split(".")
-            if d[section].get(leaf) == neutral:
-                del d[section][leaf]
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(identity_view(d), sort_keys=True).encode()).hexdigest()[:12]
 
     def differences(self, other: "Config") -> list[str]:
         """Dotted keys where two configs differ in their identity sections."""
         fa, fb = _flat(self.to_dict()), _flat(other.to_dict())
         skip = tuple(s + "." for s in IDENTITY_EXCLUDES)
-        keys = {k for k in fa.keys() | fb.keys() if not k.startswith(skip)}
+        keys = {k for k in fa.keys() | fb.keys() if not k.startswith(skip)} - set(LOCATION_KEYS)
         return sorted(k for k in keys if fa.get(k) != fb.get(k))
 
     def replace(self, **overrides: Any) -> "Config":
@@ -233,6 +229,26 @@ IDENTITY_SINCE = {"dasm.pool": "rank", "dasm.lack_margin": 1.0, "dasm.tail_drop"
                   "dasm.window_first": True, "dasm.lack_known": False,
                   "dasm.distill_share": 1.0, "eval.labels": "hard", "eval.temperature": 4.0,
                   "eval.teacher": "", "eval.teacher_epochs": 0, "eval.teacher_seed": 0}
+# where the data lies and whether it may be fetched, not what it is: an identity reads them at
+# these values, so a run resumes, and a teacher is found, from another data root
+LOCATION_KEYS = {"data.root": "data", "data.download": False}
+
+
+def identity_view(d: dict) -> dict:
+    """The sections ``d`` (a config's dict, or some of its sections) as identities read them:
+    the keys added later dropped at their neutral values (:data:`IDENTITY_SINCE`: an identity
+    computed before they existed is unchanged) and the :data:`LOCATION_KEYS` at theirs."""
+    for key, neutral in IDENTITY_SINCE.items():
+        section, leaf = key.split(".")
+        if section in d and d[section].get(leaf) == neutral:
+            del d[section][leaf]
+    for key, value in LOCATION_KEYS.items():
+        section, leaf = key.split(".")
+        if section in d:
+            d[section][leaf] = value
+    return d
+
+
 BENCHMARK_SECTION = "benchmark"  # in profile files: the benchmark's settings, ignored by runs
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import io, rng
-from .config import IDENTITY_SINCE, Config
+from .config import IDENTITY_SINCE, Config, identity_view
 from .data import Dataset
 from .distributed import context
 from .errors import DasmError, RunDirError
@@ -54,15 +54,10 @@ def teacher_config(cfg: Config) -> Config:
 
 
 def _defining(cfg: Config) -> dict:
-    """``{data, model, eval, seed}`` of ``cfg`` with the keys added later at their neutral value
-    left out (so a key computed before they existed is unchanged)."""
+    """``{data, model, eval, seed}`` of ``cfg`` as identities read them
+    (:func:`~dasm.config.identity_view`)."""
     d = cfg.to_dict()
-    sub = {k: d[k] for k in ("data", "model", "eval", "seed")}
-    for key, neutral in IDENTITY_SINCE.items():
-        section, leaf = key.split(".")
-        if section in sub and sub[section].get(leaf) == neutral:
-            del sub[section][leaf]
-    return sub
+    return identity_view({k: d[k] for k in ("data", "model", "eval", "seed")})
 
 
 def protocol_key(cfg: Config) -> str:

@@ -45,3 +45,19 @@ def test_lack_keys_under_a_rank_pool_are_refused(key, value):
     with pytest.raises(ConfigError, match=f"config key 'dasm.{key}' shapes lack pools"):
         Config().replace(**{"dasm.pool": "rank", f"dasm.{key}": value})
     Config().replace(**{"dasm.pool": "rank"})  # at their defaults they are fine
+
+
+def test_where_the_data_lies_is_not_part_of_an_identity():
+    """data.root and data.download say where the data is, not what it is: a run resumes and a
+    teacher is found from another root; what the data is (its name, subset) still counts."""
+    from dasm import teacher
+
+    cfg = Config()
+    moved = cfg.replace(**{"data.root": "/mnt/elsewhere", "data.download": True})
+    assert moved.identity() == cfg.identity() and moved.differences(cfg) == []
+    assert teacher.protocol_key(teacher.teacher_config(moved)) == \
+        teacher.protocol_key(teacher.teacher_config(cfg))
+    other = cfg.replace(**{"data.train_per_class": 300})
+    assert other.identity() != cfg.identity()
+    assert teacher.protocol_key(teacher.teacher_config(other)) != \
+        teacher.protocol_key(teacher.teacher_config(cfg))
