@@ -263,9 +263,20 @@ def build_model(name: str, channels: int, num_classes: int, image_size: tuple[in
     return model.to(device)
 
 
+CONVNET_KEYS = ("depth", "width", "norm", "pooling", "act")  # model.*: ConvNet's options
+
+
 def model_options(model_cfg) -> tuple[str, dict]:
-    """(registry name, options) of a ``ModelConfig``; only ConvNet takes the ConvNet options."""
+    """(registry name, options) of a ``ModelConfig``. Only ConvNet takes the ConvNet options;
+    another model with one of them set off its default raises ConfigError (it would ignore it)."""
     if model_cfg.name == "convnet":
-        return "convnet", dict(depth=model_cfg.depth, width=model_cfg.width, norm=model_cfg.norm,
-                               pooling=model_cfg.pooling, act=model_cfg.act)
+        return "convnet", {k: getattr(model_cfg, k) for k in CONVNET_KEYS}
+    if model_cfg.name not in MODELS:
+        raise ConfigError(f"unknown model {model_cfg.name!r} (known: {', '.join(sorted(MODELS))})")
+    default = type(model_cfg)()
+    for key in CONVNET_KEYS:
+        if getattr(model_cfg, key) != getattr(default, key):
+            raise ConfigError(f"config key 'model.{key}' applies to model.name=convnet only "
+                              f"({model_cfg.name!r} would ignore it); leave it at "
+                              f"{getattr(default, key)!r}")
     return model_cfg.name, {}

@@ -195,15 +195,26 @@ def test_frozen_mix_equals_one_batch(tiny_ds):
     torch.testing.assert_close(big, (5 * gt + 7 * gf) / 12, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("setting,key", [("model.norm=batch", "model.norm"),
-                                         ("model.name=resnet18", "model.name"),
-                                         ("model.name=vgg11", "model.name")])
-def test_batch_norm_refused_by_batched_engine(tiny_ds, setting, key):
+@pytest.mark.parametrize("settings,key", [(["model.norm=batch"], "model.norm"),
+                                          (["model.name=resnet18", "model.width=128"], "model.name"),
+                                          (["model.name=vgg11", "model.width=128"], "model.name")])
+def test_batch_norm_refused_by_batched_engine(tiny_ds, settings, key):
     """Asked for by model.norm, or built into the model (whatever model.norm says)."""
     from dasm.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"'{key}'.*batch norm"):
-        make_matcher(tiny_ds, setting)
+        make_matcher(tiny_ds, *settings)
+
+
+def test_convnet_options_are_refused_for_other_models():
+    """model.width with an MLP would be silently ignored (and still enter the identity)."""
+    from dasm.errors import ConfigError
+
+    from dasm.models import model_options
+
+    with pytest.raises(ConfigError, match="'model.width' applies to model.name=convnet only"):
+        model_options(smoke_config("model.name=mlp", "model.width=256").model)
+    assert model_options(smoke_config("model.name=mlp", "model.width=128").model) == ("mlp", {})
 
 
 def test_matching_uses_conv_weights_only(tiny_ds):
