@@ -109,10 +109,11 @@ def set_aside_if_stale(run: RunDir) -> None:
     made = json.loads(stamp.read_text()).get("commit") if stamp.exists() else None
     if code_unchanged_since(made):
         return
-    aside = run.path.parent / "stale" / f"{run.path.name}.made-by-{made or 'unrecorded'}"
-    n = 1
-    while aside.exists():
-        aside, n = aside.with_name(f"{aside.name.split('~')[0]}~{n}"), n + 1
+    base = run.path.parent / "stale" / f"{run.path.name}.made-by-{made or 'unrecorded'}"
+    aside, n = base, 0
+    while aside.exists():  # set aside before: keep that one too
+        n += 1
+        aside = base.with_name(f"{base.name}~{n}")
     aside.parent.mkdir(parents=True, exist_ok=True)
     print(f"  {run.path.name}: made by {made or 'an unrecorded commit'}, not this checkout's "
           f"package code: set aside in {in_checkout(aside)} and made again", flush=True)

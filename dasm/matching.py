@@ -58,16 +58,14 @@ def matched_parameters(model: nn.Module, bias: bool, fc: bool) -> list[str]:
     return [n for n, p in model.named_parameters() if keep.get(p.dim(), False)]
 
 
-def check_engine(cfg) -> None:
-    """The batched engine needs per-sample independence: no batch norm in the matching network
-    (asked for by ``model.norm`` or built in: resnet18, vgg11). Raises ConfigError."""
-    name, opts = model_options(cfg.model)
-    if cfg.match.engine == "batched" and has_batch_norm(model_skeleton(name, 3, 10, (32, 32),
-                                                                       **opts)):
-        key = "model.norm" if "norm" in opts else "model.name"
-        raise ConfigError(f"config key {key!r}: {name} has batch norm, which couples the samples "
-                          f"of a batch; the batched engine needs instance or no norm (or "
-                          f"match.engine=loop)")
+def check_engine(cfg, network: nn.Module) -> None:
+    """The batched engine needs per-sample independence: no batch norm in the matching
+    ``network`` (asked for by ``model.norm`` or built in: resnet18, vgg11). Raises ConfigError."""
+    if cfg.match.engine == "batched" and has_batch_norm(network):
+        key = "model.norm" if cfg.model.name == "convnet" else "model.name"
+        raise ConfigError(f"config key {key!r}: {cfg.model.name} has batch norm, which couples "
+                          f"the samples of a batch; the batched engine needs instance or no norm "
+                          f"(or match.engine=loop)")
 
 
 # ------------------------------------------------------------------------------ matcher
@@ -91,9 +89,9 @@ class Matcher:
         self.mean, self.std = dataset.mean_std(self.device)
         self.real_images = dataset.train_images.to(self.device)
         self.model_name, self.model_opts = model_options(cfg.model)
-        check_engine(cfg)
         probe = model_skeleton(self.model_name, dataset.channels, self.C, dataset.image_size,
                                **self.model_opts)  # shapes only; the generator is not touched
+        check_engine(cfg, probe)
         self.matched = matched_parameters(probe, self.m.match_bias, self.m.match_fc)
         if not self.matched:
             raise ConfigError("no parameters to match (model has no conv weights and "

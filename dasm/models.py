@@ -244,13 +244,18 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def registered(name: str) -> Callable[..., nn.Module]:
+    """The registry's constructor of model ``name`` (ConfigError naming the known ones)."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
+    return MODELS[name]
+
+
 def model_skeleton(name: str, channels: int, num_classes: int, image_size: tuple[int, int],
                    **options) -> nn.Module:
     """The registry's model on the meta device: shapes only, no memory, no random numbers."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
     with torch.device("meta"):
-        return MODELS[name](channels, num_classes, tuple(image_size), **options)
+        return registered(name)(channels, num_classes, tuple(image_size), **options)
 
 
 def build_model(name: str, channels: int, num_classes: int, image_size: tuple[int, int],
@@ -271,8 +276,7 @@ def model_options(model_cfg) -> tuple[str, dict]:
     another model with one of them set off its default raises ConfigError (it would ignore it)."""
     if model_cfg.name == "convnet":
         return "convnet", {k: getattr(model_cfg, k) for k in CONVNET_KEYS}
-    if model_cfg.name not in MODELS:
-        raise ConfigError(f"unknown model {model_cfg.name!r} (known: {', '.join(sorted(MODELS))})")
+    registered(model_cfg.name)  # an unknown name first: it says more than a key would
     default = type(model_cfg)()
     for key in CONVNET_KEYS:
         if getattr(model_cfg, key) != getattr(default, key):

@@ -132,9 +132,9 @@ def _load_problem(path: Path, e: Exception) -> str:
 def preflight(cfg: Config, ds: Dataset) -> None:
     """Every check that can fail before a run directory is touched (raises ConfigError)."""
     ops.parse_spec(cfg.backend, "config key 'backend'")
-    for name, opts in (model_options(cfg.model), eval_model_spec(cfg)):
-        model_skeleton(name, ds.channels, ds.num_classes, ds.image_size, **opts)
-    check_engine(cfg)
+    matching, _ = [model_skeleton(name, ds.channels, ds.num_classes, ds.image_size, **opts)
+                   for name, opts in (model_options(cfg.model), eval_model_spec(cfg))]
+    check_engine(cfg, matching)
     segments = plan(cfg)
     counts = [len(i) for i in ds.class_index()]
     needs = [real_needed(cfg.synthetic.init, s.ipc, s.factor) for s in segments]
