@@ -55,6 +55,7 @@ METHODS = {
     "dasm-window-hard10": {"dasm.window_hard": 0.1},
     "dasm-known": {"dasm.lack_known": True},
     "dasm-distill20": {"dasm.distill_share": 0.2},
+    "dasm-distill50": {"dasm.distill_share": 0.5},  # results/ablation-partial-update.json
     "window-easy30": None,
     "window-easy15": None,  # the large-phi plan's window alone (dasm.plan.WINDOW_EASY)
     "easy": None,
