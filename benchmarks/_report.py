@@ -151,9 +151,12 @@ def markdown(records, ipcs, methods, split) -> str:
         if absent:
             text += f" At IPC {ipc} the best baseline leaves out {', '.join(absent)}: not run."
     if soft:
+        own = [r for r in records if r["method"] == "teacher"]  # a stronger network's record
+        which = (f"a {own[0]['network']}, {own[0]['mean'] * 100:.2f}% on the {split} split"
+                 if own else "the full-data network below")
         text += (f"\n\nLabels: every method trained on `{soft['labels']}` soft labels of teacher "
-                 f"{soft['teacher']} (the full-data network below), KL at T = "
-                 f"{soft['temperature']:g}, the same augmentation.")
+                 f"{soft['teacher']} ({which}), KL at T = {soft['temperature']:g}, the same "
+                 f"augmentation.")
     text += "\n\nMethods: " + "; ".join(f"`{m}` {describe(m)}" for m in methods) + "."
     text += "\n" + provenance(records)
     full, others = full_data_line(records)
@@ -177,7 +180,7 @@ def provenance(records) -> str:
         where = f"{commit} on {r['cpu']}" if commit and r.get("cpu") else commit
         by.setdefault(where, {}).setdefault(r["method"], set()).add(r["ipc"])
 
-    order = ["full-data", *METHODS]
+    order = ["full-data", "teacher", *METHODS]
 
     def listed(methods):
         return ", ".join(m + ("" if ipcs == {None} else " (" + ", ".join(

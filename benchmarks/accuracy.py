@@ -30,11 +30,13 @@ the best baseline). With ``--holdout`` the test split is replaced by
 ``benchmark.holdout_per_class`` held-out training images per class.
 
 ``--labels stored|teacher`` evaluates every method under the same soft labels (dasm.teacher):
-one teacher, the full-data network of the profile (``eval.teacher_epochs`` 0: the full-data
-epochs), one temperature (``eval.temperature``) and the same augmentation. The runs are the
-hard-label sweep's (shared, not distilled again); ``stored`` writes the teacher's logits into
-each set first. Records carry the regime and go to ``accuracy-<name>-soft-<labels>.json``, so
-a hard-label table never mixes with a soft one; the teacher's accuracy is its full-data line.
+one teacher, one temperature (``eval.temperature``) and the same augmentation. The teacher is
+the full-data network of the profile (``eval.teacher_epochs`` 0: the full-data epochs), whose
+accuracy is then the full-data line, or a stronger network (``eval.teacher_model``,
+``eval.teacher_width``), recorded as method ``teacher`` beside the full-data line. The runs are
+the hard-label sweep's (shared, not distilled again); ``stored`` writes the teacher's logits
+into each set first. Records carry the regime and go to ``accuracy-<name>-soft-<labels>.json``,
+so a hard-label table never mixes with a soft one.
 """
 from __future__ import annotations
 
@@ -155,7 +157,8 @@ def main():
         e = base.eval
         soft = {"eval.labels": a.labels, "eval.temperature": e.temperature,
                 "eval.teacher_seed": e.teacher_seed, "eval.teacher_epochs": e.teacher_epochs or
-                a.full_data_epochs or bench.get("full_data_epochs", e.epochs)}
+                a.full_data_epochs or bench.get("full_data_epochs", e.epochs),
+                "eval.teacher_model": e.teacher_model, "eval.teacher_width": e.teacher_width}
         teacher_file = e.teacher
         base = teacher.neutral_labels(base)  # runs are named and distilled as with hard labels
         name += f"-soft-{a.labels}"
@@ -184,16 +187,15 @@ def main():
             sys.exit(f"--report: {results_path} does not exist yet (run the sweep first)")
         return report(results_path, name)
 
-    full = None
-    if soft:  # the teacher is the full-data network: its record is the full-data line
-        tcfg = resolve_for(base.replace(**soft, **({"eval.teacher": teacher_file}
-                                                   if teacher_file else {})), ds)
-        full, meta, rec = full_data_network(tcfg, ds)
-        soft.update({"eval.teacher": meta["path"], "key": meta["identity"]})
+    full, line = None, False
+    if soft:  # the teacher; when it is the evaluation network, its record is the full-data line
+        full, rec = soft_teacher(base, soft, teacher_file, ds)
+        line = rec["method"] == "full-data"
         merge(results_path, header, rec)
-        print(f"teacher {meta['identity']} ({rec['epochs']} epochs, {meta['path']}): "
-              f"{rec['mean'] * 100:.2f}%", flush=True)
-    elif any(m in ("easy", "hard") for m in methods) or not a.no_full_data:
+        print(f"teacher {soft['key']} ({rec.get('network', 'the evaluation network')}, "
+              f"{rec['epochs']} epochs, {soft['eval.teacher']}): {rec['mean'] * 100:.2f}%",
+              flush=True)
+    if not line and (any(m in ("easy", "hard") for m in methods) or not a.no_full_data):
         full, rec = full_data(base, ds,
                               a.full_data_epochs or bench.get("full_data_epochs", base.eval.epochs),
                               recorded_runs(results_path),
@@ -258,13 +260,30 @@ def measure(run: RunDir, cfg, resolved, method: str, ipc: int, seed: int, ds, fu
     return rec
 
 
+def soft_teacher(base, soft: dict, teacher_file: str, ds):
+    """The teacher of every method's soft labels (``soft``: the ``eval.*`` keys of the regime;
+    ``teacher_file``: ``eval.teacher`` or ''), trained once or read from its file, and its
+    record: the full-data line when it is the evaluation network (returned with the network,
+    which the easy/hard coresets use), else method ``teacher`` naming its network (returned
+    with None: the full-data line is another network). Adds the teacher's file and identity to
+    ``soft``."""
+    tcfg = resolve_for(base.replace(**soft, **({"eval.teacher": teacher_file}
+                                               if teacher_file else {})), ds)
+    model, meta, rec = full_data_network(tcfg, ds)
+    soft.update({"eval.teacher": meta["path"], "key": meta["identity"]})
+    if teacher.is_evaluation_network(tcfg):
+        return model, rec
+    return None, {**rec, "method": "teacher",
+                  "network": f"{meta['model']} {meta['model_options']}"}
+
+
 def full_data(base, ds, epochs: int, recorded: list[dict] = (), need_model: bool = True):
     """The evaluation network trained on the whole training set, and its record. It is the
     soft-label teacher of the same identity (:mod:`dasm.teacher`: one safetensors file per
     identity, trained once, whichever regime asks first). A record of the same key already in
     the results file is reused when the network itself is not needed (``need_model``: the
     easy/hard coresets): returns ``(None, record)`` then."""
-    cfg = resolve_for(base, ds)
+    cfg = teacher.neutral_labels(resolve_for(base, ds))  # the evaluation network, whatever
     tcfg = cfg.replace(**{"eval.teacher": "", "eval.teacher_seed": cfg.seed,
                           "eval.teacher_epochs": epochs})
     # keyed by what defines this network (data, model, evaluation protocol, seed), not by the

@@ -148,13 +148,16 @@ class EvalConfig:
     same_compute: bool = False  # epochs / factor^2 for decoded sets (equal SGD steps)
     test_batch: int = 500
     # soft labels (dasm.teacher): hard, stored (the set's teacher logits), teacher (every
-    # augmented batch relabelled); KL at temperature (x T^2). The teacher: the full-data network
-    # of teacher_seed, teacher_epochs (0: epochs), cached by identity, or the file eval.teacher
+    # augmented batch relabelled); KL at temperature (x T^2). The teacher: a network trained on
+    # the full training split, of teacher_seed, teacher_epochs (0: epochs), cached by identity,
+    # or the file eval.teacher; the evaluation network unless teacher_model / teacher_width
     labels: str = _choice("hard", "hard", "stored", "teacher")
     temperature: float = 4.0
     teacher: str = ""
     teacher_epochs: int = 0
     teacher_seed: int = 0
+    teacher_model: str = ""  # "": the evaluation network; else a registry name
+    teacher_width: int = 0  # a ConvNet teacher's width; 0: the evaluation network's
 
 
 @dataclass
@@ -218,7 +221,8 @@ class Config:
 
 
 IDENTITY_EXCLUDES = ("runtime", "dist")
-SOFT_LABEL_KEYS = ("temperature", "teacher", "teacher_epochs", "teacher_seed")  # eval.*
+SOFT_LABEL_KEYS = ("temperature", "teacher", "teacher_epochs", "teacher_seed", "teacher_model",
+                   "teacher_width")  # eval.*
 # Keys added after results were first recorded, with the value that reproduces the behaviour from
 # before they existed. At that value a key is left out of the identity, so a record made before
 # it existed keeps its identity (and a sweep reuses it); any other value enters the hash.
@@ -228,7 +232,8 @@ IDENTITY_SINCE = {"dasm.pool": "rank", "dasm.lack_margin": 1.0, "dasm.tail_drop"
                   "dasm.window_easy": 0.0, "dasm.window_hard": 0.0, "dasm.window_epochs": 8,
                   "dasm.window_first": True, "dasm.lack_known": False,
                   "dasm.distill_share": 1.0, "eval.labels": "hard", "eval.temperature": 4.0,
-                  "eval.teacher": "", "eval.teacher_epochs": 0, "eval.teacher_seed": 0}
+                  "eval.teacher": "", "eval.teacher_epochs": 0, "eval.teacher_seed": 0,
+                  "eval.teacher_model": "", "eval.teacher_width": 0}
 # where the data lies and whether it may be fetched, not what it is: an identity reads them at
 # these values, so a run resumes, and a teacher is found, from another data root
 LOCATION_KEYS = {"data.root": "data", "data.download": False}

@@ -1,7 +1,9 @@
-"""The teacher of soft labels: the evaluation network trained on the full real training split by
-the evaluation protocol (the full-data line of ``benchmarks/accuracy.py``: same data, network,
-protocol and the generator tagged ``full-data``), with ``eval.teacher_seed`` as its seed and
-``eval.teacher_epochs`` (0: ``eval.epochs``) as its epochs.
+"""The teacher of soft labels: a network trained on the full real training split by the
+evaluation protocol (the full-data line of ``benchmarks/accuracy.py``: same data, protocol and
+the generator tagged ``full-data``), with ``eval.teacher_seed`` as its seed and
+``eval.teacher_epochs`` (0: ``eval.epochs``) as its epochs. It is the evaluation network itself
+unless ``eval.teacher_model`` (a registry name) or ``eval.teacher_width`` (a ConvNet teacher's
+width) names a stronger one.
 
 A teacher is named by its identity, :func:`protocol_key` of :func:`teacher_config`: a 16-hex
 hash of the config's ``data``, ``model`` and ``eval`` sections and seed (eval keys added after
@@ -29,13 +31,14 @@ from . import io, rng
 from .config import IDENTITY_SINCE, Config, identity_view
 from .data import Dataset
 from .distributed import context
-from .errors import DasmError, RunDirError
-from .models import build_model
+from .errors import ConfigError, DasmError, RunDirError
+from .models import build_model, registered
 from .synthetic import SyntheticSet
 from .train import SoftLabels, TrainSettings, accuracy, eval_model_spec, predict, train_new
 
 FORMAT = "dasm-teacher"
-LABEL_KEYS = ("labels", "temperature", "teacher", "teacher_epochs", "teacher_seed")
+LABEL_KEYS = ("labels", "temperature", "teacher", "teacher_epochs", "teacher_seed",
+              "teacher_model", "teacher_width")
 REGIMES = ("hard", "stored", "teacher")
 
 
@@ -46,11 +49,34 @@ def neutral_labels(cfg: Config) -> Config:
 
 
 def teacher_config(cfg: Config) -> Config:
-    """The config of the network that ``cfg``'s evaluation names as its teacher: seed
-    ``eval.teacher_seed``, epochs ``eval.teacher_epochs`` (0: ``eval.epochs``), labels hard."""
+    """The config of the network that ``cfg``'s evaluation names as its teacher, trained by the
+    evaluation protocol with hard labels: the evaluation network, or ``eval.teacher_model``,
+    of width ``eval.teacher_width`` where set (a ConvNet of the ``model`` section only); seed
+    ``eval.teacher_seed``, epochs ``eval.teacher_epochs`` (0: ``eval.epochs``). A teacher of
+    the evaluation network keeps the identity it had before these keys existed."""
     e = cfg.eval
-    return neutral_labels(cfg).replace(**{"seed": e.teacher_seed,
-                                          "eval.epochs": e.teacher_epochs or e.epochs})
+    over = {"seed": e.teacher_seed, "eval.epochs": e.teacher_epochs or e.epochs}
+    if e.teacher_model and e.teacher_model != (e.model or cfg.model.name):
+        try:
+            registered(e.teacher_model)
+        except ConfigError as err:
+            raise ConfigError(f"config key 'eval.teacher_model': {err}") from None
+        over["eval.model"] = e.teacher_model
+    tcfg = neutral_labels(cfg).replace(**over)
+    if e.teacher_width:
+        name, opts = eval_model_spec(tcfg)
+        if "width" not in opts:  # a registry network at its own width: the key would do nothing
+            raise ConfigError(f"config key 'eval.teacher_width' sets the width of a ConvNet "
+                              f"teacher of the model section; this teacher is {name!r}, built "
+                              f"at its registry width (leave the key at 0)")
+        tcfg = tcfg.replace(**{"model.width": e.teacher_width})
+    return tcfg
+
+
+def is_evaluation_network(cfg: Config) -> bool:
+    """Whether ``cfg``'s teacher is the network its evaluation trains (same registry name and
+    options): then the teacher's accuracy is the full-data line."""
+    return eval_model_spec(teacher_config(cfg)) == eval_model_spec(cfg)
 
 
 def _defining(cfg: Config) -> dict:

@@ -18,7 +18,8 @@ POSITIVE = ("synthetic.ipc", "match.iterations", "match.inner_steps", "match.bat
             "dist.timeout_s")
 NON_NEGATIVE = ("match.n_data", "match.class_chunk", "match.frozen_per_class",
                 "data.train_per_class", "data.holdout_per_class", "data.test_limit",
-                "data.image_size", "runtime.threads", "eval.teacher_epochs", "eval.teacher_seed")
+                "data.image_size", "runtime.threads", "eval.teacher_epochs", "eval.teacher_seed",
+                "eval.teacher_width")
 FRACTIONS = ("dasm.easy_drop", "dasm.hard_drop", "dasm.tail_drop", "dasm.coverage",
              "dasm.window_easy", "dasm.window_hard")
 AUTO_FRACTIONS = ("dasm.window_easy",)  # fractions that may also be auto (the plan's rule)

@@ -224,3 +224,73 @@ def test_the_sweep_evaluates_every_method_under_the_same_labels(tmp_path, fmnist
         assert ("dasm − random" in md) == (labels != "hard")
         assert (f"soft labels of teacher {meta['identity']}" in md) == (labels != "hard")
     assert "| dasm − random        | paired, same labels | +2.00 ± 0.00 (n=1) |" in md
+
+
+def test_a_stronger_teacher_is_its_own_network_with_its_own_identity(tmp_path, fmnist_small):
+    """eval.teacher_width / eval.teacher_model: the teacher is trained, cached and checked as
+    that network (not the evaluation network), its labels are refused under a config naming
+    the evaluation network's teacher, and the sweep records it beside, not as, the full-data
+    line. Bad values are one ConfigError naming the key."""
+    from conftest import load_benchmark
+    from dasm.errors import ConfigError
+
+    cfg = tiny_cfg(fmnist_small)  # evaluation network: ConvNet of width 4
+    wide = cfg.replace(**{"eval.teacher_width": 8})
+    assert teacher.is_evaluation_network(cfg) and not teacher.is_evaluation_network(wide)
+    assert teacher.is_evaluation_network(cfg.replace(**{"eval.teacher_width": 4}))
+    key, wide_key = (teacher.protocol_key(teacher.teacher_config(c)) for c in (cfg, wide))
+    assert key != wide_key
+
+    model, meta = teacher.load_or_train(wide, fmnist_small)
+    widths = {p.shape[0] for n, p in model.named_parameters() if p.dim() == 4}
+    assert widths == {8}, widths  # every conv layer of the teacher: 8 channels, not 4
+    assert meta["identity"] == wide_key and json.loads(meta["model_options"])["width"] == 8
+
+    run = tmp_path / "r"
+    run_baseline("random", cfg, run, dataset=fmnist_small)
+    done = api.relabel(run, dataset=fmnist_small, overrides={"eval.teacher_width": 8})
+    assert done["teacher"] == wide_key
+    sset = SyntheticSet.load(run / "synthetic.safetensors")
+    x, _ = sset.decoded()
+    mean, std = fmnist_small.mean_std()
+    with torch.no_grad():  # the oracle: the wide network's plain forward
+        logits = model((x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
+    torch.testing.assert_close(sset.soft, logits, rtol=0, atol=1e-5)
+    summary = api.evaluate(run, dataset=fmnist_small, progress=False,
+                           overrides={"eval.labels": "stored", "eval.teacher_width": 8})
+    assert summary["teacher"] == wide_key
+    with pytest.raises(RunDirError, match=f"teacher {wide_key}, this config names teacher {key}"):
+        api.evaluate(run, dataset=fmnist_small, progress=False,
+                     overrides={"eval.labels": "stored"})
+
+    # a file of the evaluation network's teacher is not the wide one: refused, naming both
+    path = tmp_path / "t.safetensors"
+    teacher.load_or_train(cfg.replace(**{"eval.teacher": str(path)}), fmnist_small)
+    with pytest.raises(RunDirError, match='"width": 4.*names a convnet .*"width": 8'):
+        teacher.load_or_train(wide.replace(**{"eval.teacher": str(path)}), fmnist_small)
+
+    # the sweep: a stronger teacher is method `teacher`, and no network for the coresets
+    accuracy = load_benchmark("accuracy")
+    regime = {"eval.labels": "teacher", "eval.temperature": 1.0, "eval.teacher_seed": 0,
+              "eval.teacher_epochs": 1, "eval.teacher_model": ""}
+    soft = {**regime, "eval.teacher_width": 8}
+    full, trec = accuracy.soft_teacher(cfg, soft, "", fmnist_small)
+    assert full is None and trec["method"] == "teacher" and '"width": 8' in trec["network"]
+    assert soft["key"] == wide_key
+    import _report
+    records = [trec] + [{"method": m, "ipc": 10, "seed": 0, "budget": "equal-steps",
+                         "accuracies": [v], "mean": v, "std": 0.0, "labels": "teacher",
+                         "teacher": wide_key, "temperature": 1.0}
+                        for m, v in (("random", 0.80), ("dasm", 0.82))]
+    md = _report.markdown(records, [10], ["random", "dasm"], "test")
+    assert f"teacher {wide_key} (a {trec['network']}, {trec['mean'] * 100:.2f}% on the test" in md
+    assert "Full training set" not in md  # the teacher is not the full-data line
+    full, rec = accuracy.soft_teacher(cfg, {**regime, "eval.teacher_width": 0}, "", fmnist_small)
+    assert full is not None and rec["method"] == "full-data" and "network" not in rec
+
+    for bad, named in (({"eval.teacher_model": "nope"}, "'eval.teacher_model'"),
+                       ({"eval.teacher_model": "mlp", "eval.teacher_width": 8},
+                        "'eval.teacher_width'"),
+                       ({"eval.teacher_width": -1}, "'eval.teacher_width'")):
+        with pytest.raises(ConfigError, match=named):
+            teacher.teacher_config(cfg.replace(**bad))
