@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from . import io, rng
-from .config import IDENTITY_SINCE, Config, identity_view
+from .config import IDENTITY_SINCE, SOFT_LABEL_KEYS, Config, identity_view
 from .data import Dataset
 from .distributed import context
 from .errors import ConfigError, DasmError, RunDirError
@@ -37,8 +37,7 @@ from .synthetic import SyntheticSet
 from .train import SoftLabels, TrainSettings, accuracy, eval_model_spec, predict, train_new
 
 FORMAT = "dasm-teacher"
-LABEL_KEYS = ("labels", "temperature", "teacher", "teacher_epochs", "teacher_seed",
-              "teacher_model", "teacher_width")
+LABEL_KEYS = ("labels", *SOFT_LABEL_KEYS)  # eval.*: every key a label regime reads
 REGIMES = ("hard", "stored", "teacher")
 
 
