@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The held-out size grid of results/plan-size-grid.json (its rule was written before any run):
 # Fashion-MNIST subsampled to N training images per class (data.train_per_class) x IPC 10 and
-# 50, random / idc / idc-f1 / dasm, plus digits and MNIST at 300/50. Two single-thread workers side by side; every
-# call reuses the records already in results/ (same identity, same code), so rerunning resumes.
+# 50, random / idc / idc-f1 / dasm, plus digits and MNIST at 300/50. Two single-thread workers
+# side by side; every call reuses the records already in results/ (same identity, same code),
+# so rerunning resumes.
 #
 #   bash benchmarks/sweep_grid.sh baselines   # random, idc, idc-f1 (they do not read the plan)
 #   bash benchmarks/sweep_grid.sh dasm        # the auto plan in every cell
