@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -30,11 +31,6 @@ def by_seed(records, method, ipc, seeds) -> dict[int, float]:
     """{seed: accuracy in points (mean of its evaluations)} of ``method`` at ``ipc``."""
     return {r["seed"]: r["mean"] * 100 for r in records
             if r["method"] == method and r["ipc"] == ipc and r["seed"] in seeds}
-
-
-def avg(xs) -> float | None:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
 
 
 def plan_of(ipc: int, per_class: int, small_images: bool) -> str:
@@ -59,7 +55,7 @@ def cells(seeds: tuple[int, ...]) -> list[dict]:
             got = {m: by_seed(records, m, ipc, seeds) for m in ("random", "idc", "idc-f1", "dasm")}
             row = {"set": tag.strip("-") if not tag[0].isdigit() else "fashion-mnist",
                    "per class": f"~{n}" if tag in SMALL_IMAGES else n, "IPC": ipc,
-                   **{m: f"{avg(v.values()):.2f}" if v else "" for m, v in got.items()}}
+                   **{m: f"{statistics.fmean(v.values()):.2f}" if v else "" for m, v in got.items()}}
             row["plan"] = plan_of(ipc, n, tag in SMALL_IMAGES)
             ds, rs = [], []
             for s in seeds:
@@ -68,7 +64,7 @@ def cells(seeds: tuple[int, ...]) -> list[dict]:
                     ds.append(got["dasm"][s] - max(idcs))
                     rs.append(got["dasm"][s] - got["random"][s])
             if ds:
-                d, r = avg(ds), avg(rs)
+                d, r = statistics.fmean(ds), statistics.fmean(rs)
                 row.update({"seeds": len(ds), "d": f"{d:+.2f}", "r": f"{r:+.2f}",
                             "d, r by seed": "; ".join(f"{a:+.2f}, {b:+.2f}"
                                                       for a, b in zip(ds, rs)),

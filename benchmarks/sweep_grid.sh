@@ -17,21 +17,16 @@ SEED=${SEED:-0}
 export OMP_NUM_THREADS=1
 mkdir -p runs
 
-cell() {  # N (train images per class, or "digits"), then accuracy.py arguments
+cell() {  # N (train images per class, "digits" or "mnist5k"), then accuracy.py arguments
   local n=$1; shift
-  if [ "$n" = mnist5k ]; then  # the factor trial's cell (results/plan-factor-share.json)
-    "$PY" benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --set runtime.threads=1 \
-      --holdout --set data.name=mnist5k --set data.holdout_per_class=100 --tag grid-mnist5k \
-      --seeds "$SEED" --repeats 2 --no-full-data "$@"
-  elif [ "$n" = digits ]; then
-    "$PY" benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --set runtime.threads=1 \
-      --holdout --set data.name=digits --set data.holdout_per_class=50 --tag grid-digits \
-      --seeds "$SEED" --repeats 2 --no-full-data "$@"
-  else
-    "$PY" benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --set runtime.threads=1 \
-      --holdout --set data.train_per_class="$n" --tag "grid$n" --seeds "$SEED" --repeats 2 \
-      --no-full-data "$@"
-  fi
+  local data
+  case $n in
+    digits) data=(--set data.name=digits --set data.holdout_per_class=50 --tag grid-digits) ;;
+    mnist5k) data=(--set data.name=mnist5k --set data.holdout_per_class=100 --tag grid-mnist5k) ;;
+    *) data=(--set data.train_per_class="$n" --tag "grid$n") ;;
+  esac  # mnist5k: the factor trial's cell (results/plan-factor-share.json)
+  "$PY" benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --set runtime.threads=1 \
+    --holdout "${data[@]}" --seeds "$SEED" --repeats 2 --no-full-data "$@"
 }
 
 baselines_a() { for n in 300 1000 5000; do cell "$n" --ipc 10 --methods random idc idc-f1; done
@@ -47,9 +42,8 @@ case "${1:-}" in
   all) { baselines_a; dasm_a; } > runs/grid-a.log 2>&1 &
        { baselines_b; dasm_b; cell mnist5k --ipc 50 --methods random idc idc-f1 dasm; } \
          > runs/grid-b.log 2>&1 & wait ;;
-  report) for t in grid300 grid1000 grid5000; do "$PY" benchmarks/accuracy.py \
-            --profile configs/profiles/cpu.yaml --holdout --tag "$t" --report; done
-          for t in grid-digits grid-mnist5k; do "$PY" benchmarks/accuracy.py \
-            --profile configs/profiles/cpu.yaml --holdout --tag "$t" --report; done ;;
+  report) for t in grid300 grid1000 grid5000 grid-digits grid-mnist5k; do "$PY" \
+            benchmarks/accuracy.py --profile configs/profiles/cpu.yaml --holdout --tag "$t" \
+            --report; done ;;
   *) echo "usage: [SEED=S] $0 baselines|dasm|all|report" >&2; exit 2 ;;
 esac
