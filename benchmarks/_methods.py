@@ -56,6 +56,13 @@ METHODS = {
     "dasm-known": {"dasm.lack_known": True},
     "dasm-distill20": {"dasm.distill_share": 0.2},
     "dasm-distill50": {"dasm.distill_share": 0.5},  # results/ablation-partial-update.json
+    # how far matching moves the images at high IPC (results/ablation-highipc-lr.json): the
+    # profile's image learning rate (lr_img_scale 30, chosen at IPC 10) x3 and x10
+    "dasm-lr90": {"match.lr_img_scale": 90},
+    "dasm-lr300": {"match.lr_img_scale": 300},
+    # IDC-I with its images held where they start (a step too small to move them): the init
+    # draw alone, matched for the same compute (results/digits-draw.json)
+    "idc-f1-frozen": {"dasm.segments": 1, "synthetic.factor": 1, "match.lr_img_scale": 1e-9},
     "window-easy30": None,
     "window-easy15": None,  # the large-phi plan's window alone (dasm.plan.WINDOW_EASY)
     "easy": None,
