@@ -103,9 +103,22 @@ def full_data_line(records):
 
 
 def _mean_std(values):
+    """``(mean, sample std)`` of ``values`` (n - 1, as the seed intervals; None for one value,
+    which has no spread to show), or None for none."""
     if not values:
         return None
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _bar(values) -> tuple[float, float]:
+    """A plotted point's ``(mean, error bar)``: no bar for one value, a gap (nan) for none."""
+    ms = _mean_std(values)
+    return GAP if ms is None else (ms[0], ms[1] or 0.0)
+
+
+def _pm(ms, fmt: str) -> str:
+    """``mean ± std`` of a :func:`_mean_std` pair in ``fmt`` (the std unsigned, two places)."""
+    return format(ms[0], fmt) + ("" if ms[1] is None else f" ± {ms[1]:.2f}")
 
 
 def markdown(records, ipcs, methods, split) -> str:
@@ -119,7 +132,7 @@ def markdown(records, ipcs, methods, split) -> str:
             accs, seeds = pooled(records, method, ipc)
             ms = _mean_std([x * 100 for x in accs])
             shape = f"{len(seeds)}×{len(accs) // max(len(seeds), 1)}"  # seeds x repeats
-            row[f"IPC {ipc}"] = f"{ms[0]:.2f} ± {ms[1]:.2f} ({shape})" if ms else ""
+            row[f"IPC {ipc}"] = f"{_pm(ms, '.2f')} ({shape})" if ms else ""
             rs = [r for r in records if r["method"] == method and r["ipc"] == ipc]
             if rs:
                 d = statistics.fmean(r.get("distill_seconds", 0) for r in rs) / 60
@@ -136,13 +149,14 @@ def markdown(records, ipcs, methods, split) -> str:
             for ipc in ipcs:
                 diffs = paired(records, ipc, a, other)
                 d = _mean_std(diffs)
-                row[f"IPC {ipc}"] = f"{d[0]:+.2f} ± {d[1]:.2f} (n={len(diffs)})" if d else ""
+                row[f"IPC {ipc}"] = f"{_pm(d, '+.2f')} (n={len(diffs)})" if d else ""
             if any(row[f"IPC {i}"] for i in ipcs):
                 rows.append(row)
     text = table(rows, cols)
-    text += (f"\n\n{split} accuracy (%), last epoch, mean ± std over (seeds × evaluation repeats); "
-             f"'A − best baseline': per distillation seed, A minus the best of "
-             f"{', '.join(BASELINES)} for that seed, mean ± std over seeds.")
+    text += (f"\n\n{split} accuracy (%), last epoch, mean ± sample std (n − 1) over "
+             f"(seeds × evaluation repeats); 'A − best baseline': per distillation seed, A minus "
+             f"the best of {', '.join(BASELINES)} for that seed, mean ± sample std over seeds "
+             f"(no ± for one seed).")
     for ipc in ipcs:  # a comparison is only as good as the baselines in it: name the absent
         have = {(r["method"], r["seed"]) for r in records if r["ipc"] == ipc}
         seeds = sorted({s for m, s in have if m in lead})
@@ -208,8 +222,7 @@ def plot(records, ipcs, methods, path, title):
                                  gridspec_kw={"width_ratios": [3, 2]})
     for method in main:
         # a gap (nan) where a method has no run, so no line suggests a point not measured
-        pts = [(ipc, *(_mean_std([x * 100 for x in pooled(records, method, ipc)[0]]) or GAP))
-               for ipc in ipcs]
+        pts = [(ipc, *_bar([x * 100 for x in pooled(records, method, ipc)[0]])) for ipc in ipcs]
         if not all(math.isnan(p[1]) for p in pts):
             x, y, e = zip(*pts)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method,
@@ -220,7 +233,7 @@ def plot(records, ipcs, methods, path, title):
                    label=f"full data, {full['epochs']} epochs ({full['mean'] * 100:.1f}%)")
     for a in [m for m in main if m.startswith("dasm")]:
         for (other, _), style in zip(COMPARISONS, ("o-", "s--", "d:")):
-            pts = [(ipc, *(_mean_std(paired(records, ipc, a, other)) or GAP)) for ipc in ipcs]
+            pts = [(ipc, *_bar(paired(records, ipc, a, other))) for ipc in ipcs]
             if not all(math.isnan(p[1]) for p in pts):
                 x, y, e = zip(*pts)
                 what = {"best": "best baseline", "idc-compute": "idc, equal compute"}.get(
@@ -237,7 +250,8 @@ def plot(records, ipcs, methods, path, title):
         a_.legend(fontsize=7)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
-    dx.set_ylabel("points, paired per seed (mean ± std)")
+    dx.set_ylabel("points, paired per seed (mean ± sample std)")
     dx.set_title(f"dasm − best of {', '.join(BASELINES)}", fontsize=9)
     fig.tight_layout()
     io.write_with(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)  # one process may report every results file

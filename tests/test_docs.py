@@ -118,6 +118,26 @@ def test_a_report_names_the_code_behind_its_records():
     assert line.split("no commit recorded", 1)[1].endswith(": random (100), dasm (200).")
 
 
+def test_a_report_spread_is_the_sample_std():
+    """The ± of a table is the sample std (n - 1), as the seed intervals use, worked by hand:
+    dasm - random per seed +1 and +3 gives +2.00 ± 1.41 (a population std would say 1.00); one
+    value has no spread to show."""
+    _report = load_benchmark("_report")
+
+    def rec(method, seed, accs):
+        return {"method": method, "ipc": 100, "seed": seed, "accuracies": accs,
+                "mean": sum(accs) / len(accs), "std": 0.0}
+
+    records = [rec("random", 0, [0.80]), rec("dasm", 0, [0.81]),
+               rec("random", 1, [0.80]), rec("dasm", 1, [0.83])]
+    md = _report.markdown(records, [100], ["random", "dasm"], "test")
+    assert "| 82.00 ± 1.41 (2×1) |" in md  # dasm: 81 and 83
+    assert "| 80.00 ± 0.00 (2×1) |" in md
+    assert "| +2.00 ± 1.41 (n=2) |" in md  # dasm − best baseline
+    one = _report.markdown(records[:2], [100], ["random", "dasm"], "test")
+    assert "| 81.00 (1×1)" in one and "| +1.00 (n=1)" in one
+
+
 def test_seed_pairs_pairs_per_seed_and_reads_the_interval():
     """Differences pair one seed's records (the best baseline chosen per seed, missing seeds
     skipped); the interval is the t interval of the sample (n - 1) std, worked by hand here."""
