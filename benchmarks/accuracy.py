@@ -10,8 +10,8 @@ the whole dasm run at that IPC: the equal-compute budget), ``dasm`` (the package
 plan of :mod:`dasm.plan`), ``dasm-*`` (variants: each table lists the settings each one runs),
 ``easy`` / ``hard`` / ``window-*`` (real subsets by loss under a full-data network, or drawn
 from a difficulty window). dasm is compared
-with the best of :data:`BASELINES` per distillation seed. Distillation seeds come from
-``benchmark.seeds`` at IPC >= 50 (the first one below).
+with the best of :data:`BASELINES` per distillation seed. Distillation seeds: ``--seeds`` at
+every IPC, else ``benchmark.seeds`` at IPC >= 50 and the first of them below.
 
 Every run lives in ``runs/accuracy/<name>/<method>-ipc<N>-seed<S>-<config identity>`` and is
 reused when complete and made by this checkout's package code (its ``made_by.json`` names the
@@ -129,6 +129,12 @@ def distill_seconds(run: RunDir) -> float:
                      if r.get("event") == "segment_done"), 1)
 
 
+def seeds_at(ipc: int, seeds: list[int], named: bool) -> list[int]:
+    """Distillation seeds at ``ipc``: seeds named on the command line at every IPC; the
+    profile's at IPC >= 50 and the first of them below (the protocol's one seed there)."""
+    return seeds if named or ipc >= 50 else seeds[:1]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profile", default=str(ROOT / "configs/profiles/cpu.yaml"))
@@ -204,7 +210,7 @@ def main():
         print(f"full-data network ({rec['epochs']} epochs): {rec['mean'] * 100:.2f}%", flush=True)
 
     for ipc in ipcs:
-        for seed in (seeds if ipc >= 50 else seeds[:1]):
+        for seed in seeds_at(ipc, seeds, named=bool(a.seeds)):
             for method in methods:
                 cfg = run_config(base, method, ipc, seed)
                 resolved = resolve_for(cfg.replace(**({"synthetic.factor": 1, "dasm.segments": 1}

@@ -47,3 +47,12 @@ def test_a_set_made_by_other_code_is_set_aside_not_reused(tmp_path, monkeypatch)
     accuracy.set_aside_if_stale(again)
     assert (root / "stale" / "c.made-by-unrecorded~1" / "synthetic.safetensors").exists()
     assert (root / "stale" / "c.made-by-unrecorded" / "synthetic.safetensors").exists()
+
+
+def test_seeds_named_on_the_command_line_run_at_every_ipc():
+    """The profile's seeds run at IPC >= 50 and only the first of them below; seeds named with
+    --seeds run wherever they are asked (IPC 10 over eight seeds is a measurement, not a typo)."""
+    assert accuracy.seeds_at(10, [0, 1], named=False) == [0]
+    assert accuracy.seeds_at(50, [0, 1], named=False) == [0, 1]
+    assert accuracy.seeds_at(10, [3, 4, 5], named=True) == [3, 4, 5]
+    assert accuracy.seeds_at(1000, [3, 4, 5], named=True) == [3, 4, 5]
