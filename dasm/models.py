@@ -8,7 +8,8 @@ same network without touching the global RNG.
 =============  ==============================================================================
 convnet        IDC's ConvNet: depth x [conv 3x3 -> norm -> act -> 2x2 pool], linear head;
                instance norm = GroupNorm with one group per channel (affine); the first conv
-               pads by 3 on 28x28 inputs (as IDC). Options: depth, width, norm, pooling, act.
+               pads by 3 on 28x28 inputs (as IDC). Options: depth (auto: :func:`auto_depth`),
+               width, norm, pooling, act.
 resnet18       CIFAR-style ResNet-18 (3x3 stem, BatchNorm).
 resnet18-ap    the same with 2x2 average pooling in place of strided convolutions (IDC's
                ``resnet_ap``).
@@ -70,15 +71,47 @@ class ConvBlock(nn.Module):
         return z
 
 
-class ConvNet(nn.Module):
-    """IDC's ConvNet. Input ``[B, channels, H, W]`` normalised; output logits ``[B, classes]``."""
+IDC_DEPTH = 3  # IDC's ConvNet: three blocks
+MIN_NORM_PLANE = 16  # values per channel a block normalises under depth auto (a 4x4 plane)
 
-    def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int], depth: int = 3,
-                 width: int = 128, norm: str = "instance", pooling: str = "avg",
-                 act: str = "relu"):
+
+def _first_pad(image_size: tuple[int, int]) -> int:
+    return 3 if tuple(image_size) == (28, 28) else 1
+
+
+def block_planes(image_size: tuple[int, int], depth: int, pooling: str = "avg") -> list[tuple]:
+    """``(h, w)`` of the plane each of ``depth`` ConvNet blocks convolves and normalises."""
+    pad0 = _first_pad(image_size)
+    h, w = image_size[0] + 2 * pad0 - 2, image_size[1] + 2 * pad0 - 2
+    planes = []
+    for _ in range(depth):
+        planes.append((h, w))
+        if pooling != "none":
+            h, w = h // 2, w // 2
+    return planes
+
+
+def auto_depth(image_size: tuple[int, int], pooling: str = "avg") -> int:
+    """``model.depth: auto``: IDC's three blocks, less those whose plane would hold fewer than
+    :data:`MIN_NORM_PLANE` values to normalise: 3 on 28x28 and 32x32 (planes 32, 16, 8), 2 on
+    8x8 (8, 4; a third block would normalise 2x2). An instance norm of a 2x2 plane makes the
+    matching loss so curved in the images that the image step climbs it
+    (results/digits-depth.json)."""
+    planes = block_planes(image_size, IDC_DEPTH, pooling)
+    return max(1, sum(1 for h, w in planes if h * w >= MIN_NORM_PLANE))
+
+
+class ConvNet(nn.Module):
+    """IDC's ConvNet. Input ``[B, channels, H, W]`` normalised; output logits ``[B, classes]``.
+    ``depth``: a count of blocks, or ``"auto"`` (:func:`auto_depth`)."""
+
+    def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int],
+                 depth: int | str = "auto", width: int = 128, norm: str = "instance",
+                 pooling: str = "avg", act: str = "relu"):
         super().__init__()
         H, W = image_size
-        pad0 = 3 if (H, W) == (28, 28) else 1
+        depth = auto_depth(image_size, pooling) if depth == "auto" else depth
+        pad0 = _first_pad(image_size)
         blocks, cin = [], channels
         h, w = H + 2 * pad0 - 2, W + 2 * pad0 - 2
         for d in range(depth):
@@ -101,7 +134,7 @@ class ConvNet(nn.Module):
 
 
 @register_model("convnet")
-def _convnet(channels, num_classes, image_size, depth=3, width=128, norm="instance",
+def _convnet(channels, num_classes, image_size, depth="auto", width=128, norm="instance",
              pooling="avg", act="relu"):
     return ConvNet(channels, num_classes, image_size, depth, width, norm, pooling, act)
 

@@ -11,7 +11,7 @@ from .plan import AUTO, check_plan_keys
 # (all, auto, off) they are >= 0; fractions (a number or one per segment) lie in [0, 1).
 POSITIVE = ("synthetic.ipc", "match.iterations", "match.inner_steps", "match.batch_real",
             "match.batch_syn", "match.net_batch", "match.memory_budget_mb", "match.frozen_chunk",
-            "match.log_every", "match.lr_img_scale", "model.depth", "model.width",
+            "match.log_every", "match.lr_img_scale", "model.width",
             "dasm.scorer_epochs", "dasm.condition_every", "dasm.condition_epochs",
             "dasm.warm_starts", "dasm.window_epochs", "eval.epochs", "eval.batch",
             "eval.repeats", "eval.test_batch", "eval.temperature",
@@ -66,6 +66,9 @@ def validate(cfg) -> None:
     _interval(cfg, "match.mom_img", 0.0, 1.0, closed=False)
     _interval(cfg, "match.net_cutmix", 0.0, 1.0, closed=True)
     _interval(cfg, "eval.cutmix", 0.0, 1.0, closed=True)
+    depth = cfg.model.depth
+    if isinstance(depth, str) and depth != AUTO or not isinstance(depth, str) and depth <= 0:
+        raise ConfigError(f"config key 'model.depth' must be a count > 0 or 'auto', got {depth!r}")
     lr = cfg.match.lr_img
     if isinstance(lr, str) and lr != AUTO or not isinstance(lr, str) and lr <= 0:
         raise ConfigError(f"config key 'match.lr_img' must be a number > 0 or 'auto', got {lr!r}")

@@ -24,6 +24,7 @@ def test_range_checks_name_the_key(key):
 @pytest.mark.parametrize("key,bad", [("match.mom_img", 1.0), ("match.net_cutmix", 1.5),
                                      ("eval.cutmix", -0.5), ("match.lr_img", 0.0),
                                      ("match.lr_img", "fast"), ("data.channels", 2),
+                                     ("model.depth", 0), ("model.depth", "deep"),
                                      ("seed", -1)])
 def test_other_ranges_name_the_key(key, bad):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
