@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .convnet_depth import auto_depth, first_pad
 from .errors import ConfigError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -71,36 +72,6 @@ class ConvBlock(nn.Module):
         return z
 
 
-IDC_DEPTH = 3  # IDC's ConvNet: three blocks
-MIN_NORM_PLANE = 16  # values per channel a block normalises under depth auto (a 4x4 plane)
-
-
-def _first_pad(image_size: tuple[int, int]) -> int:
-    return 3 if tuple(image_size) == (28, 28) else 1
-
-
-def block_planes(image_size: tuple[int, int], depth: int, pooling: str = "avg") -> list[tuple]:
-    """``(h, w)`` of the plane each of ``depth`` ConvNet blocks convolves and normalises."""
-    pad0 = _first_pad(image_size)
-    h, w = image_size[0] + 2 * pad0 - 2, image_size[1] + 2 * pad0 - 2
-    planes = []
-    for _ in range(depth):
-        planes.append((h, w))
-        if pooling != "none":
-            h, w = h // 2, w // 2
-    return planes
-
-
-def auto_depth(image_size: tuple[int, int], pooling: str = "avg") -> int:
-    """``model.depth: auto``: IDC's three blocks, less those whose plane would hold fewer than
-    :data:`MIN_NORM_PLANE` values to normalise: 3 on 28x28 and 32x32 (planes 32, 16, 8), 2 on
-    8x8 (8, 4; a third block would normalise 2x2). An instance norm of a 2x2 plane makes the
-    matching loss so curved in the images that the image step climbs it
-    (results/digits-depth.json)."""
-    planes = block_planes(image_size, IDC_DEPTH, pooling)
-    return max(1, sum(1 for h, w in planes if h * w >= MIN_NORM_PLANE))
-
-
 class ConvNet(nn.Module):
     """IDC's ConvNet. Input ``[B, channels, H, W]`` normalised; output logits ``[B, classes]``.
     ``depth``: a count of blocks, or ``"auto"`` (:func:`auto_depth`)."""
@@ -111,7 +82,7 @@ class ConvNet(nn.Module):
         super().__init__()
         H, W = image_size
         depth = auto_depth(image_size, pooling) if depth == "auto" else depth
-        pad0 = _first_pad(image_size)
+        pad0 = first_pad(image_size)
         blocks, cin = [], channels
         h, w = H + 2 * pad0 - 2, W + 2 * pad0 - 2
         for d in range(depth):

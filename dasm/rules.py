@@ -7,8 +7,8 @@ key                    rule
 =====================  =================================================================
 device                 cuda when a CUDA device is present, else cpu
 model.depth            IDC's 3 ConvNet blocks, fewer where a block would normalise a plane under
-                       4x4 (dasm.models.auto_depth: 2 on 8x8 digits, where a 2x2 plane made the
-                       image step climb the matching loss)
+                       4x4 (dasm.convnet_depth.auto_depth: 2 on 8x8 digits, where a 2x2 plane made
+                       the image step climb the matching loss); left auto for other networks
 dasm.segments          what ``segments: auto`` gives (dasm.plan): a count of equal segments,
                        or the per-segment list of an odd IPC (11 + 10)
 synthetic.factor       1 for images under 16 px (8x8 digits lose 21 points with 2); else by
@@ -45,7 +45,7 @@ from .config import AUTO, Config, DasmConfig, from_dict
 from .data import MNIST_LIKE, NO_FLIP
 from .dsa import Strategy
 from .errors import ConfigError
-from .models import auto_depth
+from .convnet_depth import auto_depth
 from .plan import LACK_KEYS, auto_plan, band_set, segment_sizes
 
 
@@ -118,7 +118,8 @@ def _auto_segments(ipc: int) -> int | list[int]:
 Rule = Callable[[dict, DataFacts], Any]
 RULES: list[tuple[str, Rule]] = [
     ("device", lambda d, f: "cuda" if f.cuda else "cpu"),
-    ("model.depth", lambda d, f: auto_depth(f.image_size, d["model"]["pooling"])),
+    ("model.depth", lambda d, f: auto_depth(f.image_size, d["model"]["pooling"])
+     if d["model"]["name"] == "convnet" else AUTO),  # another network ignores it
     ("dasm.segments", lambda d, f: _auto_segments(d["synthetic"]["ipc"])),
     ("synthetic.factor", _plan_rule("synthetic.factor")),
     ("dasm.pool", _plan_rule("dasm.pool")),

@@ -23,7 +23,7 @@ FLOORS = [  # top to bottom
     {"dispatch"},
     {"reference", "validation"},
     {"data", "dsa", "plan", "formation", "_ext", "distributed", "image_optim",
-     "fused_block", "coerce"},
+     "fused_block", "coerce", "convnet_depth"},
     {"loaders"},
     {"errors", "io", "rng", "version", "autotable"},
 ]

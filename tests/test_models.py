@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dasm.config import Config
-from dasm.models import MIN_NORM_PLANE, ConvNet, block_planes
+from dasm.convnet_depth import MIN_NORM_PLANE, block_planes
+from dasm.models import ConvNet
 from dasm.rules import resolve
 
 
