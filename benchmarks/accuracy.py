@@ -25,8 +25,8 @@ Outputs (``--tag`` adds a suffix to the name ``<profile>[-holdout]``): ``results
 .json`` (a header with the exact command, the commit and the machine; one record per evaluated
 run: method, ipc, seed, budget, accuracies as fractions, mean, std, wall seconds, config
 identity), ``.md`` (mean ± sample std per method and IPC, the paired difference to the best
-baseline, wall times) and ``.png`` (accuracy against IPC with the full-data line, and a panel of dasm minus
-the best baseline). With ``--holdout`` the test split is replaced by
+baseline, wall times) and ``.png`` (accuracy against IPC with the full-data line, and a panel
+of dasm minus the best baseline). With ``--holdout`` the test split is replaced by
 ``benchmark.holdout_per_class`` held-out training images per class.
 
 ``--labels stored|teacher`` evaluates every method under the same soft labels (dasm.teacher):
