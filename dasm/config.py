@@ -41,7 +41,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "convnet"
-    depth: Union[int, str] = AUTO  # auto: 3 blocks, fewer on images under 16 px (convnet_depth.auto_depth)
+    depth: Union[int, str] = AUTO  # auto: 3 blocks, fewer under 16 px (convnet_depth.auto_depth)
     width: int = 128
     norm: str = _choice("instance", "instance", "batch", "none")
     pooling: str = _choice("avg", "avg", "max", "none")

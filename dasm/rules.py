@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import AUTO, Config, DasmConfig, from_dict
+from .convnet_depth import auto_depth
 from .data import MNIST_LIKE, NO_FLIP
 from .dsa import Strategy
 from .errors import ConfigError
-from .convnet_depth import auto_depth
 from .plan import LACK_KEYS, auto_plan, band_set, segment_sizes
 
 
