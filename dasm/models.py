@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .convnet_depth import auto_depth, first_pad
+from .convnet_depth import auto_depth, block_planes, first_pad
 from .errors import ConfigError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -80,20 +80,15 @@ class ConvNet(nn.Module):
                  depth: int | str = "auto", width: int = 128, norm: str = "instance",
                  pooling: str = "avg", act: str = "relu"):
         super().__init__()
-        H, W = image_size
         depth = auto_depth(image_size, pooling) if depth == "auto" else depth
+        h, w = block_planes(image_size, depth + 1, pooling)[-1]  # after the last block's pool
+        if h < 1 or w < 1:
+            raise ConfigError(f"config key 'model.depth': {depth} pooled blocks do not fit "
+                              f"{image_size[0]}x{image_size[1]} images")
         pad0 = first_pad(image_size)
-        blocks, cin = [], channels
-        h, w = H + 2 * pad0 - 2, W + 2 * pad0 - 2
-        for d in range(depth):
-            blocks.append(ConvBlock(cin, width, pad0 if d == 0 else 1, norm, act, pooling))
-            cin = width
-            if pooling != "none":
-                h, w = h // 2, w // 2
-            if h < 1 or w < 1:
-                raise ConfigError(f"config key 'model.depth': {depth} pooled blocks do not fit "
-                                  f"{H}x{W} images")
-        self.features = nn.Sequential(*blocks)
+        self.features = nn.Sequential(*(
+            ConvBlock(channels if d == 0 else width, width, pad0 if d == 0 else 1, norm, act,
+                      pooling) for d in range(depth)))
         self.classifier = nn.Linear(width * h * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
