@@ -13,7 +13,6 @@ CPU); the runs go to ``runs/match-descent/<name>-<moving|frozen>``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -22,6 +21,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dasm  # noqa: E402
+from dasm import io  # noqa: E402
+from dasm.rundir import RunDir  # noqa: E402
 
 from _common import ROOT, table, update_results  # noqa: E402
 from _methods import METHODS, load_profile, run_config  # noqa: E402
@@ -31,8 +32,7 @@ FROZEN = 1e-9  # x the config's image learning rate: the images do not move
 
 def matching_log(run_dir) -> list[dict]:
     """The ``match`` records of a run's metrics.jsonl: iteration, loss, image_change."""
-    lines = (json.loads(s) for s in open(os.path.join(run_dir, "metrics.jsonl")))
-    return [r for r in lines if r["event"] == "match"]
+    return [r for r in io.read_jsonl(RunDir(run_dir).metrics) if r["event"] == "match"]
 
 
 def main(argv=None):
@@ -60,8 +60,8 @@ def main(argv=None):
                      "moving - frozen": round(a["loss"] - b["loss"], 3),
                      "image change": round(a["image_change"], 5)})
     print(table(rows, list(rows[0])))
-    last = statistics.fmean(r["moving - frozen"] for r in rows if r["iteration"] ==
-                            max(x["iteration"] for x in rows))
+    final = max(r["iteration"] for r in rows)
+    last = statistics.fmean(r["moving - frozen"] for r in rows if r["iteration"] == final)
     verdict = "descends" if last < 0 else "CLIMBS its own loss"
     print(f"\n{args.name}: at the last logged iteration, moving - frozen = {last:+.3f}: "
           f"the image step {verdict}")

@@ -36,6 +36,12 @@ def _interval(cfg, key: str, lo: float, hi: float, closed: bool) -> None:
         raise ConfigError(f"config key '{key}' must lie in [{lo:g}, {hi:g}{bracket}, got {v}")
 
 
+def _positive_or_auto(cfg, key: str, what: str) -> None:
+    v = _get(cfg, key)
+    if isinstance(v, str) and v != AUTO or not isinstance(v, str) and v <= 0:
+        raise ConfigError(f"config key '{key}' must be {what} > 0 or 'auto', got {v!r}")
+
+
 def validate(cfg) -> None:
     """Range checks that do not need the dataset. Raises ConfigError naming the key."""
     if not 0 <= cfg.seed < 2 ** 63:
@@ -66,12 +72,8 @@ def validate(cfg) -> None:
     _interval(cfg, "match.mom_img", 0.0, 1.0, closed=False)
     _interval(cfg, "match.net_cutmix", 0.0, 1.0, closed=True)
     _interval(cfg, "eval.cutmix", 0.0, 1.0, closed=True)
-    depth = cfg.model.depth
-    if isinstance(depth, str) and depth != AUTO or not isinstance(depth, str) and depth <= 0:
-        raise ConfigError(f"config key 'model.depth' must be a count > 0 or 'auto', got {depth!r}")
-    lr = cfg.match.lr_img
-    if isinstance(lr, str) and lr != AUTO or not isinstance(lr, str) and lr <= 0:
-        raise ConfigError(f"config key 'match.lr_img' must be a number > 0 or 'auto', got {lr!r}")
+    _positive_or_auto(cfg, "model.depth", "a count")
+    _positive_or_auto(cfg, "match.lr_img", "a number")
     if cfg.data.channels not in (0, 1, 3):
         raise ConfigError(f"config key 'data.channels' must be 0 (auto), 1 or 3, "
                           f"got {cfg.data.channels}")
