@@ -63,6 +63,8 @@ METHODS = {
     # IDC-I with its images held where they start (a step too small to move them): the init
     # draw alone, matched for the same compute (results/digits-draw.json)
     "idc-f1-frozen": {"dasm.segments": 1, "synthetic.factor": 1, "match.lr_img_scale": 1e-9},
+    # four segments instead of the auto plan's two (results/ablation-segments.json)
+    "dasm-seg4": {"dasm.segments": 4},
     "window-easy30": None,
     "window-easy15": None,  # the large-phi plan's window alone (dasm.plan.WINDOW_EASY)
     "easy": None,
